@@ -1,0 +1,48 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tiny import build_tiny_model, write_alpaca  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """Folder with a 2-layer random Llama (hidden 64) and a 400-token BPE tokenizer (pad == eos)."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture
+def alpaca_file(tmp_path) -> Path:
+    return write_alpaca(tmp_path / "data.jsonl")
+
+
+@pytest.fixture
+def tiny_config(tmp_path, tiny_model, alpaca_file):
+    """A run YAML for the tiny model; returns its path. Tests add --set overrides."""
+    p = tmp_path / "run.yaml"
+    p.write_text(f"""
+model:
+  name: {tiny_model}
+data:
+  path: {alpaca_file}
+  test_size: 0.1
+  max_seq_length: 128
+train:
+  per_device_train_batch_size: 4
+  per_device_eval_batch_size: 4
+  gradient_accumulation_steps: 1
+  warmup_steps: 1
+  max_steps: 4
+  eval_steps: 2
+  save_steps: 2
+  learning_rate: 1.0e-3
+""")
+    return p

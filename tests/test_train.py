@@ -1,0 +1,55 @@
+import json
+
+from tunelab.cli import main
+
+
+def _scalars(run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert files, "no TensorBoard event file"
+    acc = EventAccumulator(str(files[0].parent))
+    acc.Reload()
+    return set(acc.Tags()["scalars"])
+
+
+def test_train_tiny_end_to_end_and_resume(tmp_path, tiny_config):
+    out = tmp_path / "run"
+    assert main(["train", str(tiny_config), "--output", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["global_step"] == 4 and summary["eval_loss"] is not None
+    assert summary["pad_token"] != summary["eos_token"]
+    for name in ("adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt",
+                 "rng_state.pth", "trainer_state.json", "training_args.bin", "tokenizer.json",
+                 "tokenizer_config.json"):
+        assert (out / "checkpoint-4" / name).is_file(), name
+    tags = _scalars(out)
+    assert {"train/loss", "eval/loss", "train/learning_rate", "train/grad_norm", "train/tokens_per_second"} <= tags
+
+    # refuses to overwrite the finished run
+    assert main(["train", str(tiny_config), "--output", str(out)]) == 2
+    # extend it: resume continues from checkpoint-4 to step 6
+    assert main(["train", str(tiny_config), "--output", str(out), "--resume", "--set", "train.max_steps=6"]) == 0
+    state = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())
+    steps = [h["step"] for h in state["log_history"] if "loss" in h]
+    assert steps.count(3) == 1 and max(steps) == 6  # steps 1-4 not redone
+    # resume with a changed training knob is refused
+    assert main(["train", str(tiny_config), "--output", str(out), "--resume",
+                 "--set", "train.learning_rate=5e-4"]) == 2
+
+
+def test_resume_equals_uninterrupted(tmp_path, tiny_config):
+    """Train 4 steps straight vs 2 + resume 2: same final adapter."""
+    import torch
+    from safetensors.torch import load_file
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["train", str(tiny_config), "--output", str(a), "--set", "data.test_size=0"]) == 0
+    assert main(["train", str(tiny_config), "--output", str(b), "--set", "data.test_size=0",
+                 "--set", "train.max_steps=2"]) == 0
+    assert main(["train", str(tiny_config), "--output", str(b), "--set", "data.test_size=0", "--resume"]) == 0
+    wa = load_file(a / "final" / "adapter_model.safetensors")
+    wb = load_file(b / "final" / "adapter_model.safetensors")
+    assert wa.keys() == wb.keys()
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+    assert any(torch.count_nonzero(wa[k]) for k in wa if "lora_B" in k)  # training moved B away from zero

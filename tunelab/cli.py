@@ -1,0 +1,106 @@
+"""`tunelab` command line. User mistakes end as one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+EXIT_USER_ERROR = 2
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for name in ("httpx", "huggingface_hub", "accelerate", "bitsandbytes"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="run YAML file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set train.learning_rate=2e-4 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tunelab", description="Fine-tune open LLMs from one YAML file.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a run (LoRA, QLoRA or full fine-tune)")
+    _common(p)
+    p.add_argument("--output", "-o", help="run folder (default: runs/<config name>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output from its newest checkpoint")
+
+    p = sub.add_parser("check", help="preflight: data, tokenizer and config checks without training")
+    _common(p)
+    p.add_argument("--examples", type=int, default=1, help="rendered examples to show")
+
+    p = sub.add_parser("config", help="print the resolved config (defaults + file + --set) as YAML")
+    p.add_argument("config", nargs="?", help="run YAML file (omit for the defaults)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    return parser
+
+
+def cmd_config(args) -> int:
+    import yaml
+
+    from .config import load_config
+
+    cfg, warnings = load_config(args.config, args.overrides)
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True), end="")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .config import load_config
+    from .train import run
+    from .ui import warn
+
+    cfg, warnings = load_config(args.config, args.overrides)
+    for w in warnings:
+        warn(w)
+    out = Path(args.output) if args.output else Path("runs") / Path(args.config).stem
+    run(cfg, out, resume=args.resume, config_dir=Path(args.config).resolve().parent)
+    return 0
+
+
+def cmd_check(args) -> int:
+    from .check import check
+
+    return check(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    from .config import ConfigError
+    from .data.preflight import PreflightError
+    from .data.sources import DataError
+    from .models import ModelError
+
+    handlers = {"train": cmd_train, "check": cmd_check, "config": cmd_config}
+    try:
+        return handlers[args.command](args)
+    except (ConfigError, DataError, ModelError, PreflightError) as e:
+        print(f"tunelab {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"tunelab {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

