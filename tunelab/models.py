@@ -255,3 +255,111 @@ def load_model(folder: Path, tokenizer, *, dtype: torch.dtype, device: str, load
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference loading: a model spec, or a tunelab run folder / checkpoint with its adapter
+
+
+class Loaded:
+    """A model ready for inference, with the tokenizer and prompt template it was trained with."""
+
+    def __init__(self, model, tokenizer, template: str, system_prompt: str | None, name: str,
+                 base_folder: Path, adapter: Path | None, device: str, dtype: torch.dtype):
+        self.model, self.tokenizer = model, tokenizer
+        self.template, self.system_prompt, self.name = template, system_prompt, name
+        self.base_folder, self.adapter, self.device, self.dtype = base_folder, adapter, device, dtype
+
+
+def find_run(path: Path) -> tuple[Path | None, Path | None]:
+    """(run folder, adapter-or-weights folder) for a run folder or one of its checkpoints; (None, None) if neither."""
+    if (path / "config.yaml").is_file() and not (path / "adapter_config.json").is_file():
+        for cand in [path / "final"] + sorted(path.glob("checkpoint-*"), key=lambda p: -int(p.name.split("-")[1])
+                                              if p.name.split("-")[1].isdigit() else 0):
+            if (cand / "adapter_config.json").is_file() or (cand / "config.json").is_file():
+                return path, cand
+        raise ModelError(f"{path}: a tunelab run folder without a final model or checkpoint")
+    if (path / "adapter_config.json").is_file() or ((path / "config.json").is_file() and (path.parent / "config.yaml").is_file()):
+        run = path.parent if (path.parent / "config.yaml").is_file() else None
+        return run, path
+    return None, None
+
+
+def load_for_inference(spec: str, *, adapter: str | None = None, template: str | None = None,
+                       dtype: str = "auto", device: str = "auto", merge: bool = False) -> Loaded:
+    """Load `spec` (model spec, run folder or checkpoint) for generation/evaluation.
+
+    The template and system prompt come from the run's saved config, so generation prompts are
+    the ones training used; for a bare model the template defaults to alpaca.
+    """
+    import yaml
+    from transformers import AutoModelForCausalLM
+
+    path = Path(spec).expanduser()
+    run, weights = find_run(path) if path.is_dir() else (None, None)
+    if adapter:
+        arun, weights = find_run(Path(adapter).expanduser())
+        if weights is None:
+            raise ModelError(f"--adapter {adapter}: not a tunelab run folder or adapter checkpoint")
+        run = run or arun
+    run_cfg = {}
+    if run is not None:
+        run_cfg = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}
+    base_spec = spec if (weights is None or adapter) else run_cfg.get("model", {}).get("name")
+    if weights is not None and not adapter and base_spec is None:
+        raise ModelError(f"{spec}: adapter without a run config; pass the base model and --adapter {spec}")
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    is_full = weights is not None and (weights / "config.json").is_file() and not (weights / "adapter_config.json").is_file()
+    base_folder = weights if is_full else resolve_model(base_spec, run_cfg.get("model", {}).get("revision"))
+    tok_folder = weights if (weights is not None and (weights / "tokenizer_config.json").is_file()) else base_folder
+    tok, _ = load_tokenizer(tok_folder, run_cfg.get("model", {}).get("pad_token", "auto"))
+    model = load_model(base_folder, tok, dtype=dt, device=dev,
+                       attn_implementation=run_cfg.get("model", {}).get("attn_implementation", "sdpa"))
+    adapter_path = None
+    if weights is not None and not is_full:
+        from peft import PeftModel
+
+        check_adapter_base(weights, base_folder)
+        try:
+            model = PeftModel.from_pretrained(model, str(weights))
+        except Exception as e:
+            raise ModelError(f"adapter {weights} can't be applied to {base_spec} ({str(e).splitlines()[0][:200]})")
+        if merge:
+            model = model.merge_and_unload()
+        adapter_path = weights
+    model.eval()
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    data = run_cfg.get("data", {})
+    name = str(weights if weights is not None else spec)
+    return Loaded(model, tok, template or data.get("template", "alpaca"), data.get("system_prompt"), name,
+                  base_folder, adapter_path, dev, dt)
+
+
+def check_adapter_base(adapter: Path, base_folder: Path) -> None:
+    """Refuse an adapter trained on another base: compare the shapes it expects with the base's config."""
+    import json
+
+    from safetensors import safe_open
+
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    recorded = cfg.get("base_model_name_or_path")
+    base_cfg = model_config(base_folder)
+    hidden = getattr(base_cfg, "hidden_size", None)
+    f = adapter / "adapter_model.safetensors"
+    if not f.is_file() or hidden is None:
+        return
+    try:
+        with safe_open(str(f), "pt") as st:
+            for key in st.keys():
+                if "lora_A" in key and ("q_proj" in key or "gate_proj" in key):
+                    in_features = st.get_slice(key).get_shape()[1]
+                    if in_features != hidden:
+                        raise ModelError(f"adapter {adapter} was trained on a different base ({recorded}, "
+                                         f"hidden size {in_features}) than {base_folder} (hidden size {hidden})")
+                    break
+    except ModelError:
+        raise
+    except Exception as e:
+        raise ModelError(f"adapter {f} is corrupt or not safetensors ({str(e).splitlines()[0][:160]})")
