@@ -73,7 +73,12 @@ def cmd_train(args) -> int:
     for w in warnings:
         warn(w)
     out = Path(args.output) if args.output else Path("runs") / Path(args.config).stem
-    run(cfg, out, resume=args.resume, config_dir=Path(args.config).resolve().parent)
+    summary = run(cfg, out, resume=args.resume, config_dir=Path(args.config).resolve().parent)
+    if summary.get("status") == "interrupted":
+        code = 143 if summary.get("signal") == "SIGTERM" else 130
+        print(f"tunelab train: interrupted ({summary['signal']}) at step {summary['global_step']}; checkpoint saved. "
+              f"Resume with: tunelab train {args.config} --output {out} --resume", file=sys.stderr)
+        return code
     return 0
 
 
@@ -89,12 +94,14 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .data.preflight import PreflightError
     from .data.sources import DataError
+    from .fsutil import DiskFullError
     from .models import ModelError
+    from .train import TrainingError
 
     handlers = {"train": cmd_train, "check": cmd_check, "config": cmd_config}
     try:
         return handlers[args.command](args)
-    except (ConfigError, DataError, ModelError, PreflightError) as e:
+    except (ConfigError, DataError, ModelError, PreflightError, TrainingError, DiskFullError) as e:
         print(f"tunelab {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:

@@ -12,20 +12,28 @@ import logging
 import math
 import os
 import resource
+import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
 from .config import ConfigError, RunConfig, config_from_dict, save_config
 from .data.pipeline import Collator, DataStats, TokenizedDataset, prepare
 from .data.preflight import PreflightError, check_examples
+from .fsutil import atomic_dir, atomic_write_text, clean_stale, commit_dir, is_disk_full, remove_tree
 from .models import (context_window, dtype_warning, load_model, load_tokenizer, pick_device, pick_dtype,
                      resolve_model)
 from .ui import console, warn
 
 log = logging.getLogger("tunelab")
+
+class TrainingError(RuntimeError):
+    """Training stopped on a fault (non-finite loss, disk full); the message says what is intact."""
+
 
 # Keys a resumed run may change: it can be extended, nothing else.
 RESUME_MUTABLE = {"train.max_steps", "train.num_train_epochs", "train.save_steps", "train.eval_steps",
@@ -148,6 +156,23 @@ def make_trainer(model, args, s: Setup):
         _tps_mark: tuple[float, int] | None = None
         _eval_seconds = 0.0  # evaluation time, kept out of tokens/s
 
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            rows = inputs.pop("row_index", None)
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            if not torch.isfinite(loss).all():
+                raise NonFinite(f"loss is {loss.item()} at step {self.state.global_step + 1}", rows)
+            return loss
+
+        def _clip_grad_norm(self, model):
+            norm = super()._clip_grad_norm(model)
+            if norm is not None and not math.isfinite(float(norm)):
+                # Checked before optimizer.step(): the bad update never reaches the weights.
+                raise NonFinite(f"gradient norm is {float(norm)} at step {self.state.global_step + 1}", None)
+            return norm
+
+        def _save_checkpoint(self, model, trial):
+            save_checkpoint_atomically(self, model, trial, super()._save_checkpoint)
+
         def evaluate(self, *a, **kw):
             t = time.perf_counter()
             try:
@@ -165,7 +190,7 @@ def make_trainer(model, args, s: Setup):
                 logs["peak_rss_gib"] = round(peak_rss_gib(), 3)
             super().log(logs, start_time)
 
-    callbacks = [RichProgress(), OverfitWatch(enabled=s.cfg.eval.overfit_warning)]
+    callbacks = [RichProgress(), OverfitWatch(enabled=s.cfg.eval.overfit_warning), StopOnSignal()]
     if s.cfg.eval.early_stopping_patience > 0:
         callbacks.append(EarlyStoppingCallback(s.cfg.eval.early_stopping_patience,
                                                s.cfg.eval.early_stopping_threshold))
@@ -176,6 +201,91 @@ def make_trainer(model, args, s: Setup):
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     return trainer
+
+
+class NonFinite(Exception):
+    def __init__(self, what: str, rows):
+        super().__init__(what)
+        self.what, self.rows = what, rows
+
+
+class StopOnSignal(TrainerCallback):
+    """SIGINT/SIGTERM during training: finish the current optimizer step, save a checkpoint, stop.
+
+    A second Ctrl-C aborts at once (KeyboardInterrupt) without saving."""
+
+    def __init__(self):
+        self.signum: int | None = None
+
+    def handler(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        console.print(f"[yellow]{signal.Signals(signum).name}[/yellow]: saving a checkpoint after the current "
+                      f"step, then stopping (Ctrl-C again aborts without saving)")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.signum is not None:
+            control.should_save = True
+            control.should_training_stop = True
+
+
+def save_checkpoint_atomically(trainer, model, trial, save) -> None:
+    """Trainer._save_checkpoint, made crash-safe: write into out/.staging, fsync, rename to
+    out/checkpoint-N, then rotate by save_total_limit without ever deleting the newest complete
+    checkpoint (or the best one). A kill at any moment leaves only complete checkpoint folders."""
+    args = trainer.args
+    out = Path(args.output_dir)
+    staging = out / ".staging"
+    name = f"checkpoint-{trainer.state.global_step}"
+    if trainer.is_world_process_zero():
+        clean_stale(out)
+        staging.mkdir()
+    trainer.accelerator.wait_for_everyone()
+    limit = args.save_total_limit
+    args.output_dir, args.save_total_limit = str(staging), None
+    try:
+        save(model, trial)
+        best = trainer.state.best_model_checkpoint
+        if best and Path(best).parent == staging:
+            trainer.state.best_model_checkpoint = str(out / Path(best).name)
+            if trainer.is_world_process_zero():
+                trainer.state.save_to_json(str(staging / name / "trainer_state.json"))
+        trainer.accelerator.wait_for_everyone()
+        if trainer.is_world_process_zero():
+            commit_dir(staging / name, out / name)
+    except Exception as e:
+        # torch.save reports a full disk as "iostream error"/"unexpected pos", not ENOSPC: look at
+        # the free space (before cleaning up) to say what happened.
+        free = shutil.disk_usage(out).free
+        if trainer.is_world_process_zero():
+            remove_tree(staging)
+        prev = newest_checkpoint(out)
+        intact = f"the previous checkpoint {prev.name} is intact" if prev else "no earlier checkpoint exists"
+        if is_disk_full(e) or free < 1 << 20:
+            raise TrainingError(f"disk full while saving {name} in {out} ({free // 1024} KiB free); {intact}; "
+                                f"free space and resume with --resume") from None
+        raise TrainingError(f"saving {name} in {out} failed ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+                            f"{intact}") from None
+    finally:
+        args.output_dir, args.save_total_limit = str(out), limit
+    if trainer.is_world_process_zero():
+        remove_tree(staging)
+        rotate_checkpoints(out, limit, trainer.state.best_model_checkpoint)
+
+
+def rotate_checkpoints(out: Path, limit: int | None, best: str | None) -> None:
+    if not limit:
+        return
+    complete = sorted((int(p.name.split("-")[1]), p) for p in out.glob("checkpoint-*")
+                      if p.name.split("-")[1].isdigit() and (p / "trainer_state.json").is_file())
+    keep = {complete[-1][1]} if complete else set()
+    if best:
+        keep.add(Path(best))
+    removable = [p for _, p in complete if p not in keep]
+    excess = len(complete) - max(limit, len(keep))
+    for p in removable[:max(0, excess)]:
+        remove_tree(p)
 
 
 def peak_rss_gib() -> float:
@@ -197,9 +307,13 @@ def prepare_run_folder(cfg: RunConfig, out: Path, resume: bool) -> Path | None:
     saved = out / "config.yaml"
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--output {out} exists and is not a folder")
+    clean_stale(out)
+    if resume and not saved.is_file():
+        if out.exists() and any(p for p in out.iterdir() if p.name != "tensorboard"):
+            raise ConfigError(f"--resume: {out} holds files but no tunelab run (no config.yaml)")
+        console.print(f"[yellow]--resume:[/yellow] nothing to resume in {out}; starting a new run")
+        resume = False
     if resume:
-        if not saved.is_file():
-            raise ConfigError(f"--resume: {out} holds no tunelab run (no config.yaml)")
         import yaml
 
         old = config_from_dict(yaml.safe_load(saved.read_text(encoding="utf-8"))).to_dict()
@@ -238,7 +352,7 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, config_dir: Path | N
                   f"{str(s.dtype).replace('torch.', '')}; {s.stats.train_rows} train / {s.stats.eval_rows} eval rows")
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    (out / "data_stats.json").write_text(json.dumps(s.stats.to_dict(), indent=2, ensure_ascii=False))
+    atomic_write_text(out / "data_stats.json", json.dumps(s.stats.to_dict(), indent=2, ensure_ascii=False))
 
     from transformers import set_seed
 
@@ -254,16 +368,36 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, config_dir: Path | N
     trainer = make_trainer(model, args, s)
     if checkpoint is not None:
         console.print(f"resuming from {checkpoint.name}")
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    stop = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, StopOnSignal))
+    previous = {sig: signal.signal(sig, stop.handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except NonFinite as e:
+        last = newest_checkpoint(out)
+        rows = ""
+        if e.rows is not None:
+            wheres = [s.train[i].where for i in e.rows.tolist() if s.train[i].where]
+            rows = f" in the batch of rows {', '.join(wheres[:4])}" if wheres else ""
+        raise TrainingError(f"{e.what}{rows}: training stopped, the bad update was not applied or saved; "
+                            f"last good checkpoint: {last.name if last else 'none'} (try a lower "
+                            f"train.learning_rate or check those rows)") from None
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
 
     # --- save --------------------------------------------------------------------------------
-    final = out / "final"
-    trainer.save_model(str(final))
-    s.tokenizer.save_pretrained(str(final))
     summary = make_summary(trainer, result, s, out, time.perf_counter() - t0, method)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    console.print(f"[green]done[/green]: {summary['global_step']} steps, train loss {summary['train_loss']}, "
-                  f"eval loss {summary['eval_loss']}; adapter in {final}")
+    if stop.signum is not None:
+        summary["status"] = "interrupted"
+        summary["signal"] = signal.Signals(stop.signum).name
+    else:
+        final = out / "final"
+        with atomic_dir(final) as tmp:
+            trainer.save_model(str(tmp))
+            s.tokenizer.save_pretrained(str(tmp))
+        console.print(f"[green]done[/green]: {summary['global_step']} steps, train loss {summary['train_loss']}, "
+                      f"eval loss {summary['eval_loss']}; model in {final}")
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 
@@ -278,6 +412,7 @@ def make_summary(trainer, result, s: Setup, out: Path, wall: float, method: str)
         return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(float(x), 5)
 
     return {
+        "status": "completed",
         "method": method,
         "model": s.cfg.model.name,
         "device": s.device,

@@ -53,6 +53,8 @@ class TokenizedExample:
     prompt_len: int
     full_len: int
     """Length before truncation."""
+    where: str = ""
+    """file:line of the source row, for error messages."""
 
     @property
     def truncated(self) -> bool:
@@ -158,7 +160,7 @@ def prepare(cfg: DataConfig, tokenizer, base: Path | None = None):
                   remove_columns=["ex", "has_input"], new_fingerprint=f"tok-{len(t)}-{id(t)}")
         out, lengths = [], []
         for row in t:
-            tex = TokenizedExample(row["input_ids"], row["labels"], row["prompt_len"], row["full_len"])
+            tex = TokenizedExample(row["input_ids"], row["labels"], row["prompt_len"], row["full_len"], row["where"])
             if count_stats:
                 lengths.append(tex.full_len)
                 stats.truncated += tex.truncated
@@ -224,7 +226,10 @@ class Collator:
             ids[i, :k] = torch.tensor(b["input_ids"])
             labels[i, :k] = torch.tensor(b["labels"])
             mask[i, :k] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        if all("row_index" in b for b in batch):  # lets a NaN report name the rows
+            out["row_index"] = torch.tensor([b["row_index"] for b in batch])
+        return out
 
 
 class TokenizedDataset:
@@ -238,4 +243,4 @@ class TokenizedDataset:
 
     def __getitem__(self, i: int) -> dict:
         e = self.examples[i]
-        return {"input_ids": e.input_ids, "labels": e.labels}
+        return {"input_ids": e.input_ids, "labels": e.labels, "row_index": i}
