@@ -35,9 +35,16 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="override any config key, e.g. --set train.learning_rate=2e-4 (repeatable)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (not usage + error) with exit code 2."""
+
+    def error(self, message):
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tunelab", description="Fine-tune open LLMs from one YAML file.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="tunelab", description="Fine-tune open LLMs from one YAML file.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("train", help="train a run (LoRA, QLoRA or full fine-tune)")
     _common(p)

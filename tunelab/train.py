@@ -327,7 +327,23 @@ def prepare_run_folder(cfg: RunConfig, out: Path, resume: bool) -> Path | None:
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--output {out} already holds files; pass --resume to continue that run "
                           f"or choose a new --output")
+    _check_writable(out)
     return None
+
+
+def _check_writable(out: Path) -> None:
+    """Fail before the expensive part if the run folder can't be created or written."""
+    existed = out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-probe"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--output {out}: cannot write there ({e.strerror or e})") from None
+    finally:
+        if not existed and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
 
 
 def run(cfg: RunConfig, out: Path, *, resume: bool = False, config_dir: Path | None = None) -> dict:
@@ -350,14 +366,13 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, config_dir: Path | N
     method = ("QLoRA (4-bit base)" if cfg.quantization.load_in_4bit else "LoRA") if cfg.lora.enabled else "full fine-tune"
     console.print(f"[bold]tunelab[/bold] {method} of {cfg.model.name} on {s.device}, compute dtype "
                   f"{str(s.dtype).replace('torch.', '')}; {s.stats.train_rows} train / {s.stats.eval_rows} eval rows")
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    atomic_write_text(out / "data_stats.json", json.dumps(s.stats.to_dict(), indent=2, ensure_ascii=False))
-
     from transformers import set_seed
 
     set_seed(cfg.train.seed)  # LoRA's A matrices are drawn at wrap time: seed before, not only in Trainer
-    model = build_model(s)
+    model = build_model(s)  # before anything is written: a model that won't load leaves no run folder behind
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    atomic_write_text(out / "data_stats.json", json.dumps(s.stats.to_dict(), indent=2, ensure_ascii=False))
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
     console.print(f"trainable parameters: {n_train:,} of {n_all:,} ({100 * n_train / n_all:.2f}%)")
