@@ -1,0 +1,49 @@
+"""End to end on the embedded SmolLM2-135M-Instruct: a few real steps, checkpoint layout, resume, TensorBoard."""
+
+import json
+
+import pytest
+
+from conftest import SHARED
+from tunelab.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def test_smollm2_train_resume_tensorboard(tmp_path, capsys):
+    data = SHARED / "train" / "alpaca_en_demo" / "data.json"
+    if not data.is_file():
+        from tiny import write_alpaca
+
+        data = write_alpaca(tmp_path / "d.jsonl", n=60)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"""
+model: {{name: smollm2-135m}}
+data: {{path: {data}, only_empty_input: true, max_rows: 40, test_size: 0.1, max_seq_length: 128, drop_untrainable: true}}
+train: {{per_device_train_batch_size: 2, per_device_eval_batch_size: 4, gradient_accumulation_steps: 1,
+        warmup_steps: 1, max_steps: 2, eval_steps: 2, save_steps: 2, learning_rate: 2.0e-4}}
+""")
+    out = tmp_path / "run"
+    assert main(["check", str(cfg)]) == 0
+    assert main(["train", str(cfg), "--output", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "compute dtype float32" in err and "pad token was '<|im_end|>'" in err
+    ck = out / "checkpoint-2"
+    for name in ("adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt", "rng_state.pth",
+                 "trainer_state.json", "training_args.bin", "tokenizer.json", "tokenizer_config.json", "README.md"):
+        assert (ck / name).is_file(), name
+    adapter_cfg = json.loads((ck / "adapter_config.json").read_text())
+    assert adapter_cfg["r"] == 16 and sorted(adapter_cfg["target_modules"]) == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    assert main(["train", str(cfg), "--output", str(out), "--resume", "--set", "train.max_steps=3",
+                 "--set", "train.save_steps=1"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["global_step"] == 3 and summary["input_tokens_seen"] > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for f in (out / "tensorboard").glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(f))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    assert {"train/loss", "eval/loss", "train/learning_rate", "train/grad_norm", "train/tokens_per_second"} <= tags

@@ -1,0 +1,67 @@
+"""QLoRA, full fine-tune, early stopping and the overfitting warning, on the tiny model."""
+
+import json
+
+from safetensors.torch import load_file
+
+from tunelab.cli import main
+
+
+def test_qlora_4bit_nf4_trains_on_cpu(tmp_path, tiny_config, capsys):
+    out = tmp_path / "q"
+    code = main(["train", str(tiny_config), "--output", str(out), "--set", "quantization.load_in_4bit=true",
+                 "--set", "quantization.compute_dtype=float32", "--set", "train.optim=adamw_8bit"])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == "QLoRA (4-bit base)" and summary["global_step"] == 4
+    w = load_file(out / "final" / "adapter_model.safetensors")
+    assert any("lora_A" in k for k in w) and all(t.isfinite().all() for t in w.values())
+    assert "QLoRA" in capsys.readouterr().err
+
+
+def test_full_finetune_saves_whole_model(tmp_path, tiny_config):
+    out = tmp_path / "full"
+    assert main(["train", str(tiny_config), "--output", str(out), "--set", "lora.enabled=false",
+                 "--set", "train.learning_rate=1e-4"]) == 0
+    assert (out / "final" / "model.safetensors").is_file() and not (out / "final" / "adapter_config.json").exists()
+    assert json.loads((out / "summary.json").read_text())["method"] == "full fine-tune"
+
+
+def test_early_stopping_and_overfit_warning(tmp_path, tiny_config, capsys):
+    out = tmp_path / "es"
+    # a very high learning rate on a tiny set: eval loss turns up quickly
+    code = main(["train", str(tiny_config), "--output", str(out), "--set", "train.max_steps=60",
+                 "--set", "train.eval_steps=2", "--set", "train.save_steps=2", "--set", "train.learning_rate=3e-2",
+                 "--set", "eval.early_stopping_patience=3", "--set", "data.test_size=0.25"])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["early_stopped"] and summary["global_step"] < 60
+    assert summary["best_eval_step"] < summary["global_step"]
+
+
+def test_overfit_watch_logic():
+    from types import SimpleNamespace
+
+    from tunelab.ui import OverfitWatch
+
+    w = OverfitWatch()
+    hist = [{"step": s, "loss": 3.0 - 0.1 * s} for s in range(1, 31)]
+    for step, ev in [(10, 1.0), (20, 1.1), (30, 1.2)]:
+        w.on_evaluate(None, SimpleNamespace(global_step=step, log_history=hist), None, metrics={"eval_loss": ev})
+    assert w.message and "possible overfitting" in w.message
+    w2 = OverfitWatch()
+    for step, ev in [(10, 1.0), (20, 0.9), (30, 0.8)]:
+        w2.on_evaluate(None, SimpleNamespace(global_step=step, log_history=hist), None, metrics={"eval_loss": ev})
+    assert w2.message is None
+
+
+def test_check_command_reports_and_passes(tiny_config, capsys):
+    assert main(["check", str(tiny_config)]) == 0
+    err = capsys.readouterr().err
+    assert "preflight passed" in err and "⟦<|im_end|>⟧◀" in err and "'<|endoftext|>'" in err
+    assert "p50" in err and "rows" in err
+
+
+def test_check_fails_on_pad_equal_eos(tiny_config, capsys):
+    assert main(["check", str(tiny_config), "--set", "model.pad_token=<|im_end|>"]) == 2
+    assert "is the EOS token" in capsys.readouterr().err

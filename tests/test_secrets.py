@@ -1,0 +1,35 @@
+"""A planted hub token never reaches a file tunelab writes or its terminal output."""
+
+import os
+import subprocess
+import sys
+
+PLANTED = "hf_tunelabPLANTEDsecret0123456789abcdef"
+
+
+def _scan(folder, needle: bytes):
+    hits = []
+    for root, _, files in os.walk(folder):
+        for f in files:
+            p = os.path.join(root, f)
+            with open(p, "rb") as fh:
+                if needle in fh.read():
+                    hits.append(p)
+    return hits
+
+
+def test_planted_token_never_written(tmp_path, tiny_config):
+    env = dict(os.environ, HF_TOKEN=PLANTED, HUGGING_FACE_HUB_TOKEN=PLANTED, TUNELAB_CACHE=str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    outputs = []
+    for argv in (["check", str(tiny_config)],
+                 ["train", str(tiny_config), "--output", str(out)],
+                 # an error path too: a hub id that can't be reached
+                 ["train", str(tiny_config), "--output", str(tmp_path / "x"), "--set", "model.name=org/private-model"]):
+        r = subprocess.run([sys.executable, "-m", "tunelab"] + argv, capture_output=True, env=env, cwd=tmp_path)
+        outputs.append(r.stdout + r.stderr)
+    assert b"error:" in outputs[-1]
+    assert (out / "summary.json").is_file() and (out / "checkpoint-4").is_dir()
+    for text in outputs:
+        assert PLANTED.encode() not in text
+    assert _scan(tmp_path, PLANTED.encode()) == []
