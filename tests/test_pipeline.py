@@ -110,3 +110,21 @@ def test_chat_format_uses_chat_template(tmp_path, tok):
     ex = train[0]
     assert tok.decode(ex.input_ids[: ex.prompt_len]) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     assert tok.decode([x for x in ex.labels if x != -100]) == "hello<|im_end|>"
+
+
+def test_saved_datasets_folder_and_parquet(tmp_path, tok):
+    import datasets
+
+    rows = {"instruction": ["Add 1 and 2.", "Add 3 and 4."], "input": ["", ""], "output": ["3", "7"]}
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows)}).save_to_disk(str(tmp_path / "saved"))
+    datasets.Dataset.from_dict(rows).to_parquet(str(tmp_path / "d.parquet"))
+    for path in (tmp_path / "saved", tmp_path / "d.parquet"):
+        train, _, stats, _ = prepare(DataConfig(path=str(path), shuffle=False), tok)
+        assert stats.rows_read == 2 and tok.decode([x for x in train[1].labels if x != -100]) == "7<|im_end|>"
+
+
+def test_num_proc_gives_the_same_tokens(alpaca_file, tok):
+    one, _, _, _ = prepare(DataConfig(path=str(alpaca_file)), tok)
+    two, _, _, _ = prepare(DataConfig(path=str(alpaca_file), num_proc=2), tok)
+    assert [e.input_ids for e in one] == [e.input_ids for e in two]
+    assert [e.labels for e in one] == [e.labels for e in two]
