@@ -77,6 +77,9 @@ def atomic_dir(target: Path):
     """Yield a temporary folder next to `target`; on success it becomes `target`."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like a normal folder
     try:
         yield tmp
         commit_dir(tmp, target)

@@ -16,9 +16,7 @@ import hashlib
 import importlib.util
 import logging
 import os
-import shutil
 import socket
-import tempfile
 from pathlib import Path
 
 import torch
@@ -81,15 +79,11 @@ def convert_gguf(gguf: Path, label: str | None = None) -> Path:
     # already de-quantised fp32, so dropping the flag is exact.
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    from .fsutil import atomic_dir
+
+    with atomic_dir(target) as tmp:  # two processes converting at once both end with a complete copy
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
