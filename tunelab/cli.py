@@ -22,6 +22,7 @@ def _quiet_libraries() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars; tunelab shows its own
     datasets.logging.set_verbosity_error()
     datasets.disable_progress_bars()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -54,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="preflight: data, tokenizer and config checks without training")
     _common(p)
     p.add_argument("--examples", type=int, default=1, help="rendered examples to show")
+
+    from . import generate
+
+    generate.add_parser(sub)
 
     p = sub.add_parser("config", help="print the resolved config (defaults + file + --set) as YAML")
     p.add_argument("config", nargs="?", help="run YAML file (omit for the defaults)")
@@ -105,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     from .models import ModelError
     from .train import TrainingError
 
-    handlers = {"train": cmd_train, "check": cmd_check, "config": cmd_config}
+    from .generate import cmd_generate
+
+    handlers = {"train": cmd_train, "check": cmd_check, "config": cmd_config, "generate": cmd_generate}
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError, ModelError, PreflightError, TrainingError, DiskFullError) as e:

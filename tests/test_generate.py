@@ -1,0 +1,83 @@
+import json
+
+import pytest
+
+from tunelab.cache import Cache
+from tunelab.cli import main
+from tunelab.generate import GenerationError, GenParams, generate, generate_batch, read_prompts
+from tunelab.models import load_for_inference
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model):
+    return load_for_inference(str(tiny_model))
+
+
+def test_batched_left_padded_equals_one_at_a_time(loaded):
+    prompts = ["Add 1 and 2.", "Add 10 and 20 and then tell me about the capital city of the country.", "Hi"]
+    params = GenParams(max_new_tokens=12)
+    batched = generate_batch(loaded, prompts, params)
+    single = [generate_batch(loaded, [p], params)[0] for p in prompts]
+    assert [c.text for c in batched] == [c.text for c in single]
+    assert all(c.tokens > 0 for c in batched)
+
+
+def test_uses_the_run_template(loaded):
+    from tunelab.data.templates import ALPACA_PROMPT
+    from tunelab.generate import build_prompt
+
+    assert loaded.template == "alpaca"
+    assert build_prompt(loaded, "Name a color.") == ALPACA_PROMPT.format(instruction="Name a color.")
+
+
+def test_sampling_knobs_without_sampling_are_an_error():
+    with pytest.raises(GenerationError, match="only apply when sampling"):
+        GenParams(temperature=0.05, top_p=0.95).validate()
+    GenParams(temperature=0.05, top_p=0.95, do_sample=True).validate()
+
+
+def test_sampling_is_seeded(loaded):
+    p = GenParams(max_new_tokens=10, do_sample=True, temperature=1.0, seed=3)
+    a = generate_batch(loaded, ["Add 1 and 2."], p)[0].text
+    b = generate_batch(loaded, ["Add 1 and 2."], p)[0].text
+    assert a == b
+
+
+def test_stop_strings_cut_the_text(loaded):
+    free = generate_batch(loaded, ["Add 1 and 2."], GenParams(max_new_tokens=20))[0]
+    if len(free.text) < 4:
+        pytest.skip("random tiny model produced too little text")
+    stop = free.text[2:4]
+    cut = generate_batch(loaded, ["Add 1 and 2."], GenParams(max_new_tokens=20, stop=[stop]))[0]
+    assert stop not in cut.text and free.text.startswith(cut.text) and cut.finish_reason == "stop"
+
+
+def test_cache_makes_rerun_instant_and_exact(tmp_path, loaded):
+    cache = Cache(tmp_path / "c.sqlite")
+    prompts = [f"Add {i} and {i}." for i in range(5)]
+    first = generate(loaded, prompts, GenParams(max_new_tokens=6), cache=cache, batch_size=2)
+    again = generate(loaded, prompts, GenParams(max_new_tokens=6), cache=cache, batch_size=2)
+    assert [c.text for c in first] == [c.text for c in again]
+    assert not any(c.cached for c in first) and all(c.cached for c in again)
+    other = generate(loaded, prompts[:1], GenParams(max_new_tokens=7), cache=cache)
+    assert not other[0].cached  # different parameters, different key
+
+
+def test_read_prompts_formats(tmp_path):
+    (tmp_path / "p.txt").write_text("one\n\ntwo\n")
+    (tmp_path / "q.jsonl").write_text('{"turns": ["mt bench q"]}\n{"instruction": "do", "instances": [{"input": "x"}]}\n')
+    assert read_prompts([], str(tmp_path / "p.txt")) == ["one", "two"]
+    assert read_prompts(["cli"], str(tmp_path / "q.jsonl")) == ["cli", "mt bench q", "do\n\nx"]
+    (tmp_path / "bad.jsonl").write_text('{"turns": ["a"]}\n{oops\n')
+    with pytest.raises(GenerationError, match="bad.jsonl:2: malformed JSON"):
+        read_prompts([], str(tmp_path / "bad.jsonl"))
+
+
+def test_cli_generate_writes_jsonl(tmp_path, tiny_model, monkeypatch):
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "o.jsonl"
+    assert main(["generate", str(tiny_model), "-p", "Add 1 and 2.", "-p", "Hi", "--max-new-tokens", "5",
+                 "--out", str(out)]) == 0
+    rows = [json.loads(l) for l in out.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["Add 1 and 2.", "Hi"] and all("completion" in r for r in rows)
+    assert main(["generate", str(tiny_model), "-p", "x", "--temperature", "0.05"]) == 2

@@ -1,0 +1,291 @@
+"""Batched generation with the run's own prompt template: `tunelab generate`.
+
+Prompts are rendered by `templates.render_prompt` (the function training used), left-padded into
+batches of similar length, and decoded greedily or by sampling. Stop strings end a completion
+both inside `model.generate` (transformers' stop_strings) and in the returned text.
+Results are cached on disk (see cache.py) so reruns are instant.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError
+from .data.templates import Example, encode_prompt, render_prompt
+
+
+class GenerationError(ConfigError):
+    """A bad generation request (one line, exit 2)."""
+
+
+@dataclass
+class GenParams:
+    max_new_tokens: int = 128
+    do_sample: bool = False
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    seed: int = 0
+    stop: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        """The recipe's bug: temperature=0.05 without do_sample=True is silently greedy. Here it is an error."""
+        ignored = [f"{k}={v}" for k, v in (("temperature", self.temperature), ("top_p", self.top_p),
+                                            ("top_k", self.top_k)) if v is not None]
+        if ignored and not self.do_sample:
+            raise GenerationError(f"{', '.join(ignored)} only apply when sampling; add --do-sample "
+                                  f"(greedy decoding would silently ignore them)")
+        if self.max_new_tokens <= 0:
+            raise GenerationError(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
+        if self.temperature is not None and self.temperature <= 0:
+            raise GenerationError(f"temperature must be > 0, got {self.temperature}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k is not None and self.top_k <= 0:
+            raise GenerationError(f"top_k must be > 0, got {self.top_k}")
+        if self.repetition_penalty is not None and self.repetition_penalty <= 0:
+            raise GenerationError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+    def key(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Completion:
+    prompt: str
+    text: str
+    tokens: int
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    cached: bool = False
+
+
+def build_prompt(loaded, user_prompt: str) -> str:
+    return render_prompt(loaded.template, Example(instruction=user_prompt), loaded.tokenizer, loaded.system_prompt)
+
+
+class _StopStrings:
+    """Stop a row once its *generated* text contains a stop string.
+
+    Hand-written because transformers' stop_strings also matches across the prompt boundary
+    (an Alpaca prompt ends in "\n", so stop="\n\n" fired on a first generated "\n")."""
+
+    def __init__(self, tokenizer, stops: list[str], prompt_width: int):
+        self.tok, self.stops, self.width = tokenizer, stops, prompt_width
+        self.tail = max(len(s) for s in stops) + 2  # every token is at least one character
+
+    def __call__(self, input_ids, scores, **kwargs):
+        done = []
+        for row in input_ids[:, self.width:]:
+            text = self.tok.decode(row[-self.tail:], skip_special_tokens=True)
+            done.append(any(s in text for s in self.stops))
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+@torch.inference_mode()
+def generate_batch(loaded, prompts: list[str], params: GenParams) -> list[Completion]:
+    """One left-padded batch through model.generate. `prompts` are raw user prompts."""
+    tok, model = loaded.tokenizer, loaded.model
+    ids = [encode_prompt(tok, build_prompt(loaded, p)) for p in prompts]
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, x in enumerate(ids):  # left padding: every row's last prompt token sits at the same column
+        input_ids[i, width - len(x):] = torch.tensor(x)
+        mask[i, width - len(x):] = 1
+    kwargs = dict(max_new_tokens=params.max_new_tokens, do_sample=params.do_sample,
+                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    if params.do_sample:
+        kwargs.update({k: v for k, v in (("temperature", params.temperature), ("top_p", params.top_p),
+                                          ("top_k", params.top_k)) if v is not None})
+    else:  # explicit, so a model's generation_config can't switch sampling knobs on behind our back
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    if params.repetition_penalty is not None:
+        kwargs["repetition_penalty"] = params.repetition_penalty
+    if params.stop:
+        kwargs["stopping_criteria"] = [_StopStrings(tok, params.stop, width)]
+    torch.manual_seed(params.seed)
+    out = model.generate(input_ids=input_ids.to(loaded.device), attention_mask=mask.to(loaded.device), **kwargs)
+    results = []
+    for i, p in enumerate(prompts):
+        new = out[i, width:].tolist()
+        ended = tok.eos_token_id in new
+        if ended:
+            new = new[: new.index(tok.eos_token_id)]
+        while new and new[-1] == tok.pad_token_id:
+            new.pop()
+        text, stopped = _cut_at_stop(tok.decode(new, skip_special_tokens=True), params.stop)
+        results.append(Completion(p, text, len(new), "stop" if (ended or stopped) else "length"))
+    return results
+
+
+def generate(loaded, prompts: list[str], params: GenParams, *, batch_size: int = 16, cache=None,
+             on_result=None, progress: bool = False) -> list[Completion]:
+    """Generate for many prompts: cached ones come from disk, the rest in batches of similar length.
+
+    on_result(index, Completion) is called as each completion is ready (for streaming output)."""
+    params.validate()
+    results: list[Completion | None] = [None] * len(prompts)
+    todo = []
+    for i, p in enumerate(prompts):
+        hit = cache.get(loaded, build_prompt(loaded, p), params) if cache is not None else None
+        if hit is not None:
+            results[i] = Completion(p, hit["text"], hit["tokens"], hit["finish_reason"], cached=True)
+            if on_result:
+                on_result(i, results[i])
+        else:
+            todo.append(i)
+    # Sort by prompt length so each batch pads little; results go back to their original order.
+    todo.sort(key=lambda i: len(loaded.tokenizer(build_prompt(loaded, prompts[i]))["input_ids"]))
+    bar = _progress(len(todo)) if progress and todo else None
+    try:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            for i, c in zip(chunk, generate_batch(loaded, [prompts[i] for i in chunk], params)):
+                results[i] = c
+                if cache is not None:
+                    cache.put(loaded, build_prompt(loaded, prompts[i]), params,
+                              {"text": c.text, "tokens": c.tokens, "finish_reason": c.finish_reason})
+                if on_result:
+                    on_result(i, c)
+            if bar:
+                bar[0].update(bar[1], advance=len(chunk))
+    finally:
+        if bar:
+            bar[0].stop()
+    return results  # type: ignore[return-value]
+
+
+def _progress(total: int):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .ui import console
+
+    p = Progress(TextColumn("[bold]generate"), BarColumn(), MofNCompleteColumn(), TextColumn("eta"),
+                 TimeRemainingColumn(), console=console, transient=True)
+    p.start()
+    return p, p.add_task("gen", total=total)
+
+
+def read_prompts(prompts: list[str], file: str | None) -> list[str]:
+    """Prompts from --prompt flags, a .txt (one per line) / .jsonl ({"prompt"|"instruction"|"turns"}) file, or stdin."""
+    out = list(prompts or [])
+    if file:
+        path = Path(file)
+        if file == "-":
+            lines = sys.stdin.read().splitlines()
+            path = Path("<stdin>")
+        else:
+            try:
+                lines = path.read_text(encoding="utf-8").splitlines()
+            except FileNotFoundError:
+                raise GenerationError(f"prompt file not found: {file}") from None
+            except UnicodeDecodeError:
+                raise GenerationError(f"{file}: not UTF-8 text") from None
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            if path.suffix == ".jsonl":
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise GenerationError(f"{file}:{n}: malformed JSON ({e.msg})") from None
+                text = prompt_of(row)
+                if text is None:
+                    raise GenerationError(f"{file}:{n}: no 'prompt', 'instruction' or 'turns' field")
+                out.append(text)
+            else:
+                out.append(line)
+    elif not out and not sys.stdin.isatty():
+        out = [line for line in sys.stdin.read().splitlines() if line.strip()]
+    if not out:
+        raise GenerationError("no prompts: give --prompt TEXT, --file FILE (txt or jsonl) or pipe them on stdin")
+    return out
+
+
+def prompt_of(row: dict) -> str | None:
+    """The prompt text of a JSONL row in tunelab's, MT-Bench/Vicuna's or KULLM's shape."""
+    if isinstance(row.get("prompt"), str):
+        return row["prompt"]
+    if isinstance(row.get("instruction"), str):
+        inst = row["instruction"]
+        inp = row.get("input") or ""
+        if not inp and isinstance(row.get("instances"), list) and row["instances"]:
+            inp = row["instances"][0].get("input") or ""
+        return inst + (f"\n\n{inp}" if inp else "")
+    if isinstance(row.get("turns"), list) and row["turns"]:
+        return row["turns"][0]
+    return None
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("generate", help="answer prompts with a model, run folder or checkpoint")
+    p.add_argument("model", help="model spec (smollm2-135m, folder, .gguf, hub id) or a run folder / checkpoint")
+    p.add_argument("--adapter", help="a LoRA adapter (run folder or checkpoint) to apply to MODEL")
+    p.add_argument("--prompt", "-p", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--file", "-f", help="prompts file: .txt one per line, .jsonl with prompt/instruction/turns; - = stdin")
+    p.add_argument("--out", help="write results as JSONL here")
+    p.add_argument("--template", choices=["alpaca", "chat_template", "plain"],
+                   help="prompt template (default: the run's; alpaca for a bare model)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the generation cache")
+
+
+def params_from_args(args) -> GenParams:
+    return GenParams(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
+                     top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty,
+                     seed=args.seed, stop=list(args.stop))
+
+
+def cmd_generate(args) -> int:
+    from .cache import Cache
+    from .fsutil import atomic_write_text
+    from .models import load_for_inference
+    from .ui import console
+
+    params = params_from_args(args)
+    params.validate()  # before the model loads
+    if args.batch_size <= 0:
+        raise GenerationError(f"--batch-size must be > 0, got {args.batch_size}")
+    prompts = read_prompts(args.prompt, args.file)
+    loaded = load_for_inference(args.model, adapter=args.adapter, template=args.template)
+    cache = None if args.no_cache else Cache()
+    t0 = time.perf_counter()
+    stream = sys.stdout.isatty() or not args.out
+
+    def show(i, c: Completion):
+        if stream:
+            print(json.dumps({"index": i, "prompt": c.prompt, "completion": c.text}, ensure_ascii=False)
+                  if not sys.stdout.isatty() else f"\n[{i}] {c.prompt}\n→ {c.text}", flush=True)
+
+    results = generate(loaded, prompts, params, batch_size=args.batch_size, cache=cache, on_result=show,
+                       progress=True)
+    if args.out:
+        rows = [{"prompt": c.prompt, "completion": c.text, "tokens": c.tokens, "finish_reason": c.finish_reason,
+                 "model": loaded.name, "template": loaded.template, **{f"param_{k}": v for k, v in params.key().items()}}
+                for c in results]
+        atomic_write_text(Path(args.out), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    new = sum(c.tokens for c in results if not c.cached)
+    dt = time.perf_counter() - t0
+    console.print(f"[dim]{len(results)} completions ({sum(c.cached for c in results)} from cache), "
+                  f"{new} new tokens in {dt:.1f} s ({new / dt if dt else 0:.1f} tok/s)[/dim]")
+    return 0
