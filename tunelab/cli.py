@@ -57,8 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--examples", type=int, default=1, help="rendered examples to show")
 
     from . import generate
+    from .evaluate import harness
 
     generate.add_parser(sub)
+    harness.add_parser(sub)
 
     p = sub.add_parser("config", help="print the resolved config (defaults + file + --set) as YAML")
     p.add_argument("config", nargs="?", help="run YAML file (omit for the defaults)")
@@ -101,6 +103,8 @@ def cmd_check(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    for name in ("bitsandbytes", "httpx", "huggingface_hub", "accelerate"):  # before any of them is imported
+        logging.getLogger(name).setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     from .config import ConfigError
@@ -110,9 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     from .models import ModelError
     from .train import TrainingError
 
+    from .evaluate.harness import cmd_eval
     from .generate import cmd_generate
 
-    handlers = {"train": cmd_train, "check": cmd_check, "config": cmd_config, "generate": cmd_generate}
+    handlers = {"train": cmd_train, "check": cmd_check, "config": cmd_config, "generate": cmd_generate,
+                "eval": cmd_eval}
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError, ModelError, PreflightError, TrainingError, DiskFullError) as e:

@@ -66,8 +66,10 @@ class Completion:
     cached: bool = False
 
 
-def build_prompt(loaded, user_prompt: str) -> str:
-    return render_prompt(loaded.template, Example(instruction=user_prompt), loaded.tokenizer, loaded.system_prompt)
+def build_prompt(loaded, user_prompt: str, template: str | None = None) -> str:
+    """The model's prompt for a user prompt: the run's template, or `template` (plain = the text as is)."""
+    return render_prompt(template or loaded.template, Example(instruction=user_prompt), loaded.tokenizer,
+                         loaded.system_prompt)
 
 
 class _StopStrings:
@@ -94,10 +96,10 @@ def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
 
 
 @torch.inference_mode()
-def generate_batch(loaded, prompts: list[str], params: GenParams) -> list[Completion]:
+def generate_batch(loaded, prompts: list[str], params: GenParams, template: str | None = None) -> list[Completion]:
     """One left-padded batch through model.generate. `prompts` are raw user prompts."""
     tok, model = loaded.tokenizer, loaded.model
-    ids = [encode_prompt(tok, build_prompt(loaded, p)) for p in prompts]
+    ids = [encode_prompt(tok, build_prompt(loaded, p, template)) for p in prompts]
     width = max(len(x) for x in ids)
     input_ids = torch.full((len(ids), width), tok.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(ids), width), dtype=torch.long)
@@ -131,7 +133,7 @@ def generate_batch(loaded, prompts: list[str], params: GenParams) -> list[Comple
 
 
 def generate(loaded, prompts: list[str], params: GenParams, *, batch_size: int = 16, cache=None,
-             on_result=None, progress: bool = False) -> list[Completion]:
+             on_result=None, progress: bool = False, template: str | None = None) -> list[Completion]:
     """Generate for many prompts: cached ones come from disk, the rest in batches of similar length.
 
     on_result(index, Completion) is called as each completion is ready (for streaming output)."""
@@ -139,7 +141,7 @@ def generate(loaded, prompts: list[str], params: GenParams, *, batch_size: int =
     results: list[Completion | None] = [None] * len(prompts)
     todo = []
     for i, p in enumerate(prompts):
-        hit = cache.get(loaded, build_prompt(loaded, p), params) if cache is not None else None
+        hit = cache.get(loaded, build_prompt(loaded, p, template), params) if cache is not None else None
         if hit is not None:
             results[i] = Completion(p, hit["text"], hit["tokens"], hit["finish_reason"], cached=True)
             if on_result:
@@ -147,15 +149,15 @@ def generate(loaded, prompts: list[str], params: GenParams, *, batch_size: int =
         else:
             todo.append(i)
     # Sort by prompt length so each batch pads little; results go back to their original order.
-    todo.sort(key=lambda i: len(loaded.tokenizer(build_prompt(loaded, prompts[i]))["input_ids"]))
+    todo.sort(key=lambda i: len(loaded.tokenizer(build_prompt(loaded, prompts[i], template))["input_ids"]))
     bar = _progress(len(todo)) if progress and todo else None
     try:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
-            for i, c in zip(chunk, generate_batch(loaded, [prompts[i] for i in chunk], params)):
+            for i, c in zip(chunk, generate_batch(loaded, [prompts[i] for i in chunk], params, template)):
                 results[i] = c
                 if cache is not None:
-                    cache.put(loaded, build_prompt(loaded, prompts[i]), params,
+                    cache.put(loaded, build_prompt(loaded, prompts[i], template), params,
                               {"text": c.text, "tokens": c.tokens, "finish_reason": c.finish_reason})
                 if on_result:
                     on_result(i, c)

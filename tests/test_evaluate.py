@@ -1,0 +1,137 @@
+import json
+
+import pytest
+import torch
+
+from conftest import SHARED
+from tunelab.cli import main
+from tunelab.evaluate import scoring
+from tunelab.evaluate.stats import bootstrap_ci, paired_diff_ci
+from tunelab.evaluate.tasks import TaskError, load_task, load_task_file
+from tunelab.models import load_for_inference
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model):
+    return load_for_inference(str(tiny_model))
+
+
+def test_shared_context_logliks_equal_full_sequence(loaded):
+    ctx = "Question: Add 2 and 3.\nAnswer:"
+    choices = ["The answer is 5.", "7", "the number of the country"]
+    shared = scoring.choice_logliks(loaded, ctx, choices)
+    for c, ll in zip(choices, shared):
+        cids, cont = scoring.encode_pair(loaded.tokenizer, ctx, " " + c)
+        ids = torch.tensor([cids + cont])
+        with torch.no_grad():
+            logp = torch.log_softmax(loaded.model(input_ids=ids).logits[0], -1)
+        full = sum(float(logp[len(cids) - 1 + j, t]) for j, t in enumerate(cont))
+        assert abs(full - ll) < 1e-4
+
+
+def test_encode_pair_moves_trailing_space(loaded):
+    a = scoring.encode_pair(loaded.tokenizer, "Answer: ", "yes")
+    b = scoring.encode_pair(loaded.tokenizer, "Answer:", " yes")
+    assert a == b
+
+
+def test_score_choice_acc_and_acc_norm():
+    s = scoring.score_choice([-4.0, -5.0], ["ab", "abcdefgh"], gold=1)
+    assert s == {"acc": 0.0, "acc_norm": 1.0}
+
+
+def test_exact_match_extraction():
+    assert scoring.exact_match("so 3 + 4 = 7 apples.", "7", r"(-?[$0-9.,]{2,})|(-?[0-9]+)") == 1.0
+    assert scoring.exact_match("it costs $1,200.", "1200", r"(-?[$0-9.,]{2,})|(-?[0-9]+)") == 1.0
+    assert scoring.exact_match("no idea", "7", r"(-?[0-9]+)") == 0.0
+
+
+def test_bootstrap_ci_brackets_the_mean_and_pairs():
+    m, lo, hi = bootstrap_ci([1, 0, 1, 1, 0, 1, 0, 1, 1, 1])
+    assert lo < m < hi and m == 0.7
+    d, dlo, dhi = paired_diff_ci([0, 0, 1, 1], [1, 1, 1, 1])
+    assert d == 0.5 and dlo <= d <= dhi
+    assert paired_diff_ci([1, 0, 1], [1, 0, 1])[1:] == (0.0, 0.0)
+
+
+def _task_files(tmp_path):
+    rows = [{"q": f"Add {i} and {i}.", "opts": [str(2 * i), str(2 * i + 1)], "a": 0} for i in range(12)]
+    (tmp_path / "mc.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (tmp_path / "mc.yaml").write_text("name: add\nkind: multiple_choice\npath: mc.jsonl\ncontext: \"Question: {q}\\nAnswer:\"\n"
+                                      "choices: \"{opts}\"\ngold: \"{a}\"\n")
+    (tmp_path / "gen.yaml").write_text("name: addgen\nkind: generate\npath: mc.jsonl\ncontext: \"Question: {q}\\nAnswer:\"\n"
+                                       "target: \"{a}\"\nmax_new_tokens: 4\n")
+    return tmp_path / "mc.yaml", tmp_path / "gen.yaml"
+
+
+def test_task_file_and_fewshot_are_deterministic(tmp_path):
+    mc, _ = _task_files(tmp_path)
+    t = load_task_file(mc)
+    assert len(t.items) == 12 and t.items[3].choices == ["6", "7"] and t.items[3].gold == 0
+    a, b = t.with_fewshot(2, seed=5), t.with_fewshot(2, seed=5)
+    assert [i.context for i in a] == [i.context for i in b]
+    assert a[0].context.count("Question:") == 3 and a[0].context.endswith(t.items[0].context)
+    assert t.items[0].context not in a[0].context[: -len(t.items[0].context)]  # never its own answer
+
+
+def test_bad_task_inputs(tmp_path):
+    with pytest.raises(TaskError, match="unknown task 'arc_esy' .*arc_easy"):
+        load_task("arc_esy")
+    (tmp_path / "bad.yaml").write_text("name: x\nkind: multiple_choice\npath: d.jsonl\ncontxt: a\n")
+    with pytest.raises(TaskError, match=r"bad.yaml:4: unknown key 'contxt'"):
+        load_task_file(tmp_path / "bad.yaml")
+    (tmp_path / "bad2.yaml").write_text("name: x\n  kind: [\n")
+    with pytest.raises(TaskError, match=r"bad2.yaml:2: malformed YAML"):
+        load_task_file(tmp_path / "bad2.yaml")
+
+
+def test_eval_two_models_table_and_cache(tmp_path, tiny_model, monkeypatch, capsys):
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+    mc, gen = _task_files(tmp_path)
+    other = tmp_path / "other"
+    from tiny import build_tiny_model
+
+    build_tiny_model(other, seed=1)
+    out = tmp_path / "ev"
+    args = ["eval", str(tiny_model), str(other), "--tasks", f"{mc},{gen}", "--out", str(out)]
+    assert main(args) == 0
+    r = json.loads((out / "results.json").read_text())
+    acc = r["models"][str(tiny_model)]["add"]["metrics"]["acc"]
+    assert 0 <= acc[1] <= acc[0] <= acc[2] <= 1 and r["tasks"]["add"]["items"] == 12
+    assert r["diffs"][str(other)]["add"]["metric"] == "acc"
+    per_a = r["models"][str(tiny_model)]["add"]["per_item"]["acc"]
+    per_b = r["models"][str(other)]["add"]["per_item"]["acc"]
+    assert abs(r["diffs"][str(other)]["add"]["diff"][0] - (sum(per_b) - sum(per_a)) / 12) < 1e-9
+    assert "Δ" in capsys.readouterr().err
+    # second run: everything from the cache, same numbers
+    (out / "results.json").unlink()
+    assert main(args) == 0
+    r2 = json.loads((out / "results.json").read_text())
+    assert r2["models"] == r["models"]
+
+
+@pytest.mark.parametrize("task", ["arc_easy", "mmlu", "kobest_copa", "kobest_boolq",
+                                  "kobest_hellaswag", "kobest_sentineg", "kobest_wic", "gsm8k"])
+def test_builtin_loaders_on_shared_data(task, monkeypatch):
+    if not (SHARED / "bench").is_dir():
+        pytest.skip("../shared/data/bench is not beside this checkout")
+    monkeypatch.setenv("TUNELAB_BENCH_DIR", str(SHARED / "bench"))
+    t = load_task(task)
+    assert len(t.items) > 50
+    if t.kind == "multiple_choice":
+        assert all(0 <= it.gold < len(it.choices) for it in t.items)
+        assert len({it.gold for it in t.items}) > 1
+    else:
+        assert all(it.target.lstrip("-").replace(".", "").isdigit() for it in t.items)
+
+
+def test_mmlu_subject_fewshot_layout(monkeypatch):
+    if not (SHARED / "bench").is_dir():
+        pytest.skip("../shared/data/bench is not beside this checkout")
+    monkeypatch.setenv("TUNELAB_BENCH_DIR", str(SHARED / "bench"))
+    t = load_task("mmlu_abstract_algebra")
+    it = t.with_fewshot(2)[0]
+    assert it.context.startswith("The following are multiple choice questions (with answers) about abstract algebra.\n\n")
+    assert it.context.count("Answer:") == 3 and it.context.count("The following") == 1
+    with pytest.raises(TaskError, match="per-subject"):
+        load_task("mmlu").with_fewshot(1)

@@ -1,0 +1,115 @@
+"""Scorers: multiple-choice log-likelihood, generative exact match, perplexity.
+
+Log-likelihoods follow lm-evaluation-harness exactly where it matters for parity: trailing spaces
+of the context move to the continuation, the continuation's tokens are taken from tokenizing
+context + continuation whole, no BOS is added, and acc_norm divides by the choice's length in
+characters. The context is run once per item and its KV cache is shared by all choices.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+
+from ..data.templates import Example, encode_prompt, render_prompt
+
+
+def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole = tok(context + continuation, add_special_tokens=False)["input_ids"]
+    ctx = tok(context, add_special_tokens=False)["input_ids"] if context else []
+    cont = whole[len(ctx):]
+    if not ctx:  # lm-eval uses the end-of-text token as the context of an empty prompt
+        ctx = [tok.eos_token_id]
+    return ctx, cont
+
+
+@torch.inference_mode()
+def choice_logliks(loaded, context: str, choices: list[str], delimiter: str = " ") -> list[float]:
+    """Summed log-probability of each `delimiter + choice` after `context`."""
+    model, tok, dev = loaded.model, loaded.tokenizer, loaded.device
+    pairs = [encode_pair(tok, context, delimiter + c) for c in choices]
+    ctx = pairs[0][0]
+    conts = [c for _, c in pairs]
+    if any(p[0] != ctx for p in pairs):  # can't share: score each choice on its own
+        return [_full_loglik(model, p[0], p[1], dev) for p in pairs]
+    out = model(input_ids=torch.tensor([ctx], device=dev), use_cache=True)
+    first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+    lls = [float(first[c[0]]) for c in conts]
+    rest = [c[:-1] for c in conts]  # inputs that predict each choice's 2nd..last tokens
+    width = max(len(r) for r in rest)
+    if width == 0:
+        return lls
+    n = len(choices)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(n)
+    ids = torch.full((n, width), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((n, len(ctx) + width), dtype=torch.long)
+    mask[:, : len(ctx)] = 1
+    for i, r in enumerate(rest):  # right padding: pads sit after the real tokens and can't affect them
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, len(ctx): len(ctx) + len(r)] = 1
+    logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), past_key_values=cache).logits
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    for i, c in enumerate(conts):
+        if len(c) > 1:
+            target = torch.tensor(c[1:], device=dev)
+            lls[i] += float(logp[i, torch.arange(len(c) - 1, device=dev), target].sum())
+    return lls
+
+
+def _full_loglik(model, ctx: list[int], cont: list[int], dev) -> float:
+    ids = torch.tensor([ctx + cont[:-1]], device=dev)
+    logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+    pos = torch.arange(len(ctx) - 1, len(ctx) - 1 + len(cont), device=dev)
+    return float(logp[pos, torch.tensor(cont, device=dev)].sum())
+
+
+def score_choice(lls: list[float], choices: list[str], gold: int) -> dict:
+    norm = [ll / max(1, len(c)) for ll, c in zip(lls, choices)]
+    return {"acc": float(max(range(len(lls)), key=lls.__getitem__) == gold),
+            "acc_norm": float(max(range(len(norm)), key=norm.__getitem__) == gold)}
+
+
+def _normalize_number(s: str) -> str:
+    s = s.strip().replace(",", "").replace("$", "").rstrip(".")
+    try:
+        f = float(s)
+        return str(int(f)) if f.is_integer() else str(f)
+    except ValueError:
+        return s.lower()
+
+
+def extract_answer(text: str, regex: str) -> str | None:
+    """The last match of `regex` in the output (flexible extraction); a group that matched wins."""
+    matches = re.findall(regex, text)
+    if not matches:
+        return None
+    m = matches[-1]
+    if isinstance(m, tuple):
+        m = next((g for g in m if g), "")
+    return m
+
+
+def exact_match(output: str, target: str, regex: str) -> float:
+    got = extract_answer(output, regex)
+    return float(got is not None and _normalize_number(got) == _normalize_number(target))
+
+
+@torch.inference_mode()
+def response_nll(loaded, prompt: str, response: str) -> tuple[float, int]:
+    """Summed negative log-likelihood of response + EOS after the templated prompt, and its token count."""
+    tok = loaded.tokenizer
+    p = encode_prompt(tok, render_prompt(loaded.template, Example(instruction=prompt), tok, loaded.system_prompt))
+    r = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    ll = _full_loglik(loaded.model, p, r, loaded.device)
+    return -ll, len(r)
+
+
+def perplexity(nll_sum: float, tokens: int) -> float:
+    return math.exp(nll_sum / max(1, tokens))
