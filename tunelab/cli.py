@@ -57,12 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--examples", type=int, default=1, help="rendered examples to show")
 
     from . import generate
-    from .evaluate import compare, harness, judge
+    from .evaluate import compare, harness, judge, report
 
     generate.add_parser(sub)
     harness.add_parser(sub)
     compare.add_parsers(sub)
     judge.add_parser(sub)
+    report.add_parser(sub)
 
     p = sub.add_parser("config", help="print the resolved config (defaults + file + --set) as YAML")
     p.add_argument("config", nargs="?", help="run YAML file (omit for the defaults)")
@@ -119,10 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     from .evaluate.compare import cmd_blind, cmd_compare
     from .evaluate.harness import cmd_eval
     from .evaluate.judge import cmd_judge
+    from .evaluate.report import cmd_report
     from .generate import cmd_generate
 
     handlers = {"train": cmd_train, "check": cmd_check, "config": cmd_config, "generate": cmd_generate,
-                "eval": cmd_eval, "compare": cmd_compare, "blind": cmd_blind, "judge": cmd_judge}
+                "eval": cmd_eval, "compare": cmd_compare, "blind": cmd_blind, "judge": cmd_judge,
+                "report": cmd_report}
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError, ModelError, PreflightError, TrainingError, DiskFullError) as e:
