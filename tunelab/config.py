@@ -72,6 +72,13 @@ class DataConfig:
     """Drop examples whose response is cut away entirely by truncation (default: refuse to train)."""
     num_proc: int = 1
     """Processes for tokenization (the recipe's dataset_num_proc)."""
+    packing: bool = False
+    """Padding-free packing: each optimizer step's examples (batch size x accumulation, the same
+    ones as unpacked) go end to end in one row, positions restarting per example, attention never
+    crossing one; same gradient, no padding computed, larger matrix products (faster on CPU)."""
+    pack_max_tokens: int = 4096
+    """With packing: most tokens per forward pass; a longer step is split at example boundaries
+    into several passes (gradient accumulation). Bounds activation memory."""
 
 
 @dataclass
@@ -118,6 +125,13 @@ class TrainSection:
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = False
     gradient_checkpointing_use_reentrant: bool = True
+    group_by_length: bool = False
+    """Batch examples of similar length together (less padding without packing; changes the data order)."""
+    chunked_loss: bool = True
+    """Compute logits and cross-entropy only where labels exist, chunk by chunk, never the whole
+    [batch, seq, vocab] logits tensor (falls back to the model's own loss for unsupported models)."""
+    loss_chunk_size: int = 1024
+    """Rows of logits per chunk for chunked_loss (memory: chunk x vocab x 4 bytes)."""
     save_total_limit: int | None = None
     dataloader_num_workers: int = 0
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
@@ -294,6 +308,8 @@ def validate(cfg: RunConfig, where_of=lambda k: k) -> list[str]:
         positive("train", name, getattr(t, name), allow_zero=True)
     positive("data", "max_seq_length", d.max_seq_length)
     positive("data", "num_proc", d.num_proc)
+    positive("data", "pack_max_tokens", d.pack_max_tokens)
+    positive("train", "loss_chunk_size", t.loss_chunk_size)
     if d.max_rows is not None:
         positive("data", "max_rows", d.max_rows)
     if lo.enabled:

@@ -7,6 +7,7 @@ that hurt on CPU (bf16=True), so it is not used.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -22,9 +23,11 @@ import torch
 from transformers import TrainerCallback
 
 from .config import ConfigError, RunConfig, config_from_dict, save_config
+from .data.packing import PackedCollator, is_packed, packed_attention, split_packed
 from .data.pipeline import Collator, DataStats, TokenizedDataset, prepare
 from .data.preflight import PreflightError, check_examples
 from .fsutil import atomic_dir, atomic_write_text, clean_stale, commit_dir, is_disk_full, remove_tree
+from .loss import chunked_causal_lm_loss
 from .models import (context_window, dtype_warning, load_model, load_tokenizer, pick_device, pick_dtype,
                      resolve_model)
 from .ui import console, warn
@@ -106,9 +109,12 @@ def training_arguments(cfg: RunConfig, out: Path, device: str, dtype: torch.dtyp
     early = cfg.eval.early_stopping_patience > 0
     return TrainingArguments(
         output_dir=str(out),
-        per_device_train_batch_size=t.per_device_train_batch_size,
+        # data.packing: one packed batch per optimizer step, the same examples and the same
+        # trained-token normalisation as batch x accumulation (see tunelab/data/packing.py)
+        per_device_train_batch_size=t.per_device_train_batch_size * (t.gradient_accumulation_steps if cfg.data.packing else 1),
         per_device_eval_batch_size=t.per_device_eval_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        gradient_accumulation_steps=1 if cfg.data.packing else t.gradient_accumulation_steps,
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         learning_rate=t.learning_rate,
         warmup_steps=t.warmup_steps,
         max_steps=t.max_steps,
@@ -158,10 +164,26 @@ def make_trainer(model, args, s: Setup):
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             rows = inputs.pop("row_index", None)
-            loss = super().training_step(model, inputs, num_items_in_batch)
+            if is_packed(inputs):  # split at example boundaries by data.pack_max_tokens; gradients accumulate
+                with packed_attention(model):
+                    loss = sum(super(TunelabTrainer, self).training_step(model, piece, num_items_in_batch)
+                               for piece in split_packed(inputs, s.cfg.data.pack_max_tokens))
+            else:
+                loss = super().training_step(model, inputs, num_items_in_batch)
             if not torch.isfinite(loss).all():
                 raise NonFinite(f"loss is {loss.item()} at step {self.state.global_step + 1}", rows)
             return loss
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            # train.chunked_loss: logits only where labels exist, in chunks (tunelab/loss.py); eval
+            # discards logits unless compute_metrics is set, so it takes the chunked path too.
+            if s.cfg.train.chunked_loss and (not return_outputs or self.compute_metrics is None) \
+                    and self.accelerator.unwrap_model(model) is model:
+                with packed_attention(model) if is_packed(inputs) else contextlib.nullcontext():
+                    loss = chunked_causal_lm_loss(model, inputs, num_items_in_batch, s.cfg.train.loss_chunk_size)
+                if loss is not None:
+                    return (loss, {"loss": loss}) if return_outputs else loss
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
         def _clip_grad_norm(self, model):
             norm = super()._clip_grad_norm(model)
@@ -196,7 +218,8 @@ def make_trainer(model, args, s: Setup):
                                                s.cfg.eval.early_stopping_threshold))
     trainer = TunelabTrainer(model=model, args=args, train_dataset=TokenizedDataset(s.train),
                              eval_dataset=TokenizedDataset(s.evals) if s.evals else None,
-                             data_collator=Collator(s.tokenizer.pad_token_id), processing_class=s.tokenizer,
+                             data_collator=PackedCollator() if s.cfg.data.packing else Collator(s.tokenizer.pad_token_id),
+                             processing_class=s.tokenizer,
                              callbacks=callbacks)
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
