@@ -1,0 +1,69 @@
+import json
+import shutil
+
+import pytest
+import torch
+
+from tunelab.cli import main
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model):
+    from tiny import write_alpaca
+
+    d = tmp_path_factory.mktemp("exp")
+    data = write_alpaca(d / "d.jsonl")
+    cfg = d / "run.yaml"
+    cfg.write_text(f"model: {{name: {tiny_model}}}\ndata: {{path: {data}, max_seq_length: 128}}\n"
+                   "train: {per_device_train_batch_size: 4, gradient_accumulation_steps: 1, warmup_steps: 0,\n"
+                   "        max_steps: 6, save_steps: 6, learning_rate: 5.0e-3}\n")
+    runs = {}
+    for name, sets in (("lora", []), ("qlora", ["--set", "quantization.load_in_4bit=true",
+                                                 "--set", "quantization.compute_dtype=float32"])):
+        runs[name] = d / name
+        assert main(["train", str(cfg), "--output", str(runs[name])] + sets) == 0
+    return runs
+
+
+def test_export_lora_safetensors_and_gguf_f16(tmp_path, trained, capsys):
+    out = tmp_path / "merged"
+    assert main(["export", str(trained["lora"]), "--to", str(out), "--gguf", "f16"]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "verified: greedy outputs of the export equal the adapter model's on 3/3" in err
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert (out / "generation_config.json").is_file() and not (out / "adapter_config.json").exists()
+    assert (out / "model-f16.gguf").stat().st_size > 10_000
+    # the merged weights really contain the adapter: they differ from the base
+    from safetensors.torch import load_file
+
+    base_folder = json.loads((trained["lora"] / "config.yaml").read_text().split("name: ")[1].split("\n")[0].join(['"', '"']))
+    base = load_file(f"{base_folder}/model.safetensors")
+    merged = load_file(out / "model.safetensors")
+    k = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(base[k], merged[k])
+    # GGUF round trip through transformers' loader gives the same weights (f16 precision)
+    from transformers import AutoModelForCausalLM
+
+    g = AutoModelForCausalLM.from_pretrained(str(out), gguf_file="model-f16.gguf", dtype=torch.float32)
+    assert torch.allclose(g.state_dict()[k], merged[k].float(), atol=2e-3)
+    # refuses to overwrite
+    assert main(["export", str(trained["lora"]), "--to", str(out)]) == 2
+
+
+def test_export_qlora_merges_into_dequantized_16bit_and_q8_gguf(tmp_path, trained, capsys):
+    out = tmp_path / "mq"
+    assert main(["export", str(trained["qlora"] / "checkpoint-6"), "--to", str(out), "--gguf", "q8_0"]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "de-quantised from its 4-bit nf4 weights, saved in bfloat16" in err and "verified" in err
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["dtype"] == "bfloat16" and "quantization_config" not in cfg
+    assert (out / "model-q8_0.gguf").is_file()
+
+
+def test_export_missing_base_says_which(tmp_path, trained, capsys):
+    run = tmp_path / "copy"
+    shutil.copytree(trained["lora"], run)
+    (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("name: ", "name: /nonexistent/base", 1)
+                                     .replace("/nonexistent/base/", "/nonexistent/base-"))
+    assert main(["export", str(run), "--to", str(tmp_path / "x")]) == 2
+    assert "needs its base model '/nonexistent/base" in capsys.readouterr().err

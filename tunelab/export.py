@@ -1,0 +1,250 @@
+"""`tunelab export RUN[/checkpoint-N] --to DIR [--gguf f16|q8_0]`
+
+Merges the LoRA adapter into its base and saves safetensors + tokenizer + generation config. A
+QLoRA run is merged into its base de-quantised from the same 4-bit weights it was trained on,
+in 16 bit (merging into the original full-precision weights instead is the "quality drops after
+merge" complaint). After saving, the export is reloaded and its greedy generations must equal the
+adapter model's on a few prompts, or the export is removed and the command fails.
+
+`--gguf` also writes a GGUF file with the gguf package's GGUFWriter (that package ships no HF
+converter): Llama-architecture tensors named by gguf's own TensorNameMap, q/k rows permuted as
+llama.cpp expects, a GPT-2-style BPE vocabulary, f16 or q8_0. It is checked by loading it back
+with transformers' GGUF loader.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import ConfigError
+from .fsutil import atomic_dir
+from .ui import console
+
+VERIFY_PROMPTS = ["What is the capital of France?", "Give three tips for staying healthy.", "Add 12 and 30."]
+
+
+class ExportError(ConfigError):
+    pass
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("export", help="merge a run's adapter into its base and save safetensors (and GGUF)")
+    p.add_argument("run", help="run folder or checkpoint folder")
+    p.add_argument("--to", required=True, help="output folder (must not exist or be empty, unless --force)")
+    p.add_argument("--gguf", choices=["f16", "q8_0"], help="also write a GGUF file of this type")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="saved dtype (auto: 16-bit for a QLoRA run, else the compute dtype)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --to")
+    p.add_argument("--verify-tokens", type=int, default=16, help="greedy tokens compared per verify prompt")
+
+
+def _load_merged(run_path: Path, dtype_name: str):
+    """(adapter model for reference, merged model, tokenizer, note)."""
+    import yaml
+    from peft import PeftModel
+
+    from .models import ModelError, check_adapter_base, find_run, load_model, load_tokenizer, resolve_model
+
+    run, weights = find_run(run_path)
+    if weights is None:
+        raise ExportError(f"{run_path}: not a tunelab run folder or checkpoint")
+    if not (weights / "adapter_config.json").is_file():
+        raise ExportError(f"{weights} holds full weights (a full fine-tune), not an adapter: use it as is")
+    cfg = yaml.safe_load((run / "config.yaml").read_text()) if run else {}
+    base_spec = cfg.get("model", {}).get("name") or json.loads((weights / "adapter_config.json").read_text()).get(
+        "base_model_name_or_path")
+    try:
+        base = resolve_model(base_spec)
+    except ModelError as e:
+        raise ExportError(f"the adapter in {weights} needs its base model '{base_spec}', which is not available: {e}") from None
+    check_adapter_base(weights, base)
+    tok, _ = load_tokenizer(weights if (weights / "tokenizer_config.json").is_file() else base,
+                            cfg.get("model", {}).get("pad_token", "auto"))
+    q = cfg.get("quantization", {})
+    qlora = bool(q.get("load_in_4bit"))
+    if dtype_name == "auto":
+        dtype = torch.bfloat16 if qlora else torch.float32
+    else:
+        dtype = getattr(torch, dtype_name)
+    if qlora:
+        kw = dict(load_in_4bit=True, quant_type=q.get("quant_type", "nf4"), double_quant=q.get("double_quant", True),
+                  compute_dtype=torch.float32)
+        ref_base = load_model(base, tok, dtype=torch.float32, device="cpu", **kw)
+        merged_base = load_model(base, tok, dtype=torch.float32, device="cpu", **kw)
+        merged_base = merged_base.dequantize()  # the same 4-bit weights training saw, de-quantised
+        merged_base.to(dtype)
+        note = (f"QLoRA run: merged into the base de-quantised from its 4-bit {kw['quant_type']} weights, "
+                f"saved in {str(dtype).replace('torch.', '')}")
+    else:
+        ref_base = load_model(base, tok, dtype=torch.float32, device="cpu")
+        merged_base = load_model(base, tok, dtype=dtype, device="cpu")
+        note = f"LoRA run: merged into {base_spec}, saved in {str(dtype).replace('torch.', '')}"
+    ref = PeftModel.from_pretrained(ref_base, str(weights)).eval()
+    merged = PeftModel.from_pretrained(merged_base, str(weights)).merge_and_unload().eval()
+    merged.generation_config.pad_token_id = tok.pad_token_id
+    merged.generation_config.eos_token_id = tok.eos_token_id
+    template = cfg.get("data", {}).get("template", "alpaca")
+    return ref, merged, tok, note, template, cfg
+
+
+@torch.inference_mode()
+def greedy(model, tok, template: str, n_tokens: int) -> list[list[int]]:
+    from .data.templates import Example, encode_prompt, render_prompt
+
+    outs = []
+    for p in VERIFY_PROMPTS:
+        ids = torch.tensor([encode_prompt(tok, render_prompt(template, Example(instruction=p), tok))])
+        out = model.generate(ids, max_new_tokens=n_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+                             eos_token_id=tok.eos_token_id, temperature=None, top_p=None, top_k=None)
+        outs.append(out[0, ids.shape[1]:].tolist())
+    return outs
+
+
+def cmd_export(args) -> int:
+    from transformers import AutoModelForCausalLM
+
+    out = Path(args.to)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
+        raise ExportError(f"--to {out} exists and is not empty; choose another folder or pass --force")
+    ref, merged, tok, note, template, cfg = _load_merged(Path(args.run), args.dtype)
+    console.print(note)
+    with atomic_dir(out) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        merged.generation_config.save_pretrained(tmp)
+        reloaded = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=merged.dtype).eval()
+        want = greedy(ref, tok, template, args.verify_tokens)
+        got = greedy(reloaded, tok, template, args.verify_tokens)
+        same = sum(a == b for a, b in zip(want, got))
+        if same != len(want):
+            raise ExportError(f"verification failed: the exported model's greedy output differs from the adapter "
+                              f"model's on {len(want) - same} of {len(want)} prompts; nothing was written")
+        console.print(f"verified: greedy outputs of the export equal the adapter model's on {same}/{len(want)} prompts")
+        if args.gguf:
+            gguf_path = tmp / f"model-{args.gguf}.gguf"
+            write_gguf(merged, tok, gguf_path, args.gguf)
+            agree = check_gguf(reloaded, tok, gguf_path, template)
+            console.print(f"GGUF {gguf_path.name}: loads back in transformers; next-token argmax agrees with the "
+                          f"safetensors export on {100 * agree:.1f}% of positions")
+            if agree < (0.95 if args.gguf == "f16" else 0.85):
+                raise ExportError(f"GGUF check failed: only {100 * agree:.1f}% next-token agreement; nothing was written")
+        (tmp / "tunelab_export.json").write_text(json.dumps(
+            {"source": str(args.run), "note": note, "template": template, "gguf": args.gguf,
+             "verified_prompts": len(want)}, indent=2))
+    console.print(f"exported to {out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF
+
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's q/k row order for rotary embeddings (transformers' GGUF loader undoes it)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf(model, tok, path: Path, kind: str) -> None:
+    import gguf
+
+    cfg = model.config
+    if cfg.model_type not in ("llama", "mistral"):
+        raise ExportError(f"--gguf supports Llama-architecture models; this one is '{cfg.model_type}'")
+    tok_json = json.loads(tok.backend_tokenizer.to_str()) if hasattr(tok, "backend_tokenizer") else {}
+    if tok_json.get("model", {}).get("type") != "BPE":
+        raise ExportError("--gguf supports BPE (GPT-2 style) tokenizers only")
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name(getattr(cfg, "_name_or_path", "") or "tunelab export")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_dimension_count(head_dim)
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    w.add_rope_freq_base(float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))))
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    vocab_size = model.get_input_embeddings().weight.shape[0]
+    w.add_vocab_size(vocab_size)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if kind == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0)
+    # vocabulary
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    specials = set(tok.all_special_ids)
+    added = {t.content for t in tok.added_tokens_decoder.values()}
+    tokens, types = [], []
+    for i in range(vocab_size):
+        t = tok.convert_ids_to_tokens(i) if i < len(tok) else f"[PAD{i}]"
+        tokens.append(t)
+        types.append(gguf.TokenType.CONTROL if i in specials else gguf.TokenType.USER_DEFINED if t in added
+                     else gguf.TokenType.UNUSED if i >= len(tok) else gguf.TokenType.NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok_json["model"].get("merges", [])]
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id)
+    w.add_eos_token_id(tok.eos_token_id)
+    w.add_pad_token_id(tok.pad_token_id)
+    if tok.unk_token_id is not None:
+        w.add_unk_token_id(tok.unk_token_id)
+    w.add_add_bos_token(False)
+    if getattr(tok, "chat_template", None):
+        w.add_chat_template(tok.chat_template)
+    # tensors
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    tied = getattr(cfg, "tie_word_embeddings", False)
+    for hf_name, t in model.state_dict().items():
+        if tied and hf_name == "lm_head.weight":
+            continue
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise ExportError(f"--gguf: no GGUF name for tensor {hf_name}")
+        data = t.detach().float().cpu().numpy()
+        if hf_name.endswith("q_proj.weight"):
+            data = _permute(data, cfg.num_attention_heads)
+        elif hf_name.endswith("k_proj.weight"):
+            data = _permute(data, cfg.num_key_value_heads)
+        if data.ndim == 1:
+            w.add_tensor(name, data.astype(np.float32))
+        elif kind == "f16":
+            w.add_tensor(name, data.astype(np.float16))
+        else:
+            q = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
+            w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@torch.inference_mode()
+def check_gguf(reference, tok, path: Path, template: str) -> float:
+    """Load the GGUF back with transformers and compare next-token argmax with the reference model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .data.templates import Example, encode_prompt, render_prompt
+
+    try:
+        g = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+        gtok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:
+        raise ExportError(f"the GGUF written to {path.name} does not load back in transformers "
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    agree = total = 0
+    for p in VERIFY_PROMPTS:
+        text = render_prompt(template, Example(instruction=p), tok)
+        ids = encode_prompt(tok, text)
+        if gtok(text, add_special_tokens=False)["input_ids"] != tok(text, add_special_tokens=False)["input_ids"]:
+            raise ExportError("the GGUF's tokenizer splits text differently from the original tokenizer")
+        x = torch.tensor([ids])
+        a = reference(input_ids=x).logits[0].argmax(-1)
+        b = g(input_ids=x).logits[0].argmax(-1)
+        agree += int((a == b).sum())
+        total += len(ids)
+    return agree / total
