@@ -1,0 +1,422 @@
+"""`tunelab serve MODEL_OR_RUN --port P`: an OpenAI-compatible HTTP server.
+
+Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both
+with `stream: true` as server-sent events). Concurrent requests are batched: a single worker
+thread owns the model, collects the requests that arrive within a short window, prefills them as
+one left-padded batch and decodes them step by step together (each row with its own sampling
+settings, stop strings and max_tokens), streaming tokens to each client as they come.
+/v1/completions takes the prompt as is; /v1/chat/completions renders the messages with the
+tokenizer's chat template when the run trained with it, otherwise the run's template (e.g.
+Alpaca) with the last user message as the instruction.
+
+With vLLM installed and a CUDA GPU, `tunelab serve` hands over to vLLM's own OpenAI server
+(the adapter served as a LoRA module); everywhere else it is this transformers path. The HTTP
+layer is the standard library's ThreadingHTTPServer: small, no extra dependency, and every bad
+request gets an OpenAI-shaped JSON error instead of a dropped connection.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import torch
+
+from .data.templates import Example, encode_prompt, render_prompt
+from .ui import console
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type_: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class Job:
+    ids: list[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    stop: list[str]
+    seed: int | None
+    out: queue.Queue = field(default_factory=queue.Queue)  # ("token", text) ... ("done", finish_reason, n)
+
+
+class Engine:
+    """Owns the model; batches jobs that arrive within `window` seconds and decodes them together."""
+
+    def __init__(self, loaded, max_batch: int = 16, window: float = 0.02):
+        self.loaded, self.max_batch, self.window = loaded, max_batch, window
+        self.jobs: queue.Queue[Job] = queue.Queue()
+        self.batches = 0
+        self.stopped = False
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def submit(self, job: Job) -> Job:
+        self.jobs.put(job)
+        return job
+
+    def _loop(self):
+        while not self.stopped:
+            try:
+                first = self.jobs.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            batch = [first]
+            deadline = time.monotonic() + self.window
+            while len(batch) < self.max_batch:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    batch.append(self.jobs.get(timeout=left))
+                except queue.Empty:
+                    break
+            try:
+                self._run(batch)
+            except Exception as e:  # a failure is reported to every waiting client, the server stays up
+                for j in batch:
+                    j.out.put(("error", f"{type(e).__name__}: {e}"))
+
+    @torch.inference_mode()
+    def _run(self, batch: list[Job]) -> None:
+        from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+        self.batches += 1
+        model, tok, dev = self.loaded.model, self.loaded.tokenizer, self.loaded.device
+        n, width = len(batch), max(len(j.ids) for j in batch)
+        ids = torch.full((n, width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        for i, j in enumerate(batch):
+            ids[i, width - len(j.ids):] = torch.tensor(j.ids)
+            mask[i, width - len(j.ids):] = 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        past, logits = out.past_key_values, out.logits[:, -1].float()
+        gens = [torch.Generator().manual_seed(j.seed if j.seed is not None else int(time.time_ns() % 2**31))
+                for j in batch]
+        generated: list[list[int]] = [[] for _ in batch]
+        sent = [""] * n
+        alive = [True] * n
+        last_pos = pos[:, -1:]
+        for step in range(max(j.max_tokens for j in batch)):
+            nxt = torch.empty(n, dtype=torch.long)
+            for i, j in enumerate(batch):
+                if not alive[i]:
+                    nxt[i] = tok.pad_token_id
+                    continue
+                row = logits[i: i + 1]
+                if j.temperature <= 0:
+                    nxt[i] = int(row.argmax(-1))
+                else:
+                    row = TemperatureLogitsWarper(j.temperature)(None, row)
+                    if j.top_p < 1.0:
+                        row = TopPLogitsWarper(j.top_p)(None, row)
+                    nxt[i] = int(torch.multinomial(torch.softmax(row, -1).cpu(), 1, generator=gens[i]))
+            for i, j in enumerate(batch):
+                if not alive[i]:
+                    continue
+                t = int(nxt[i])
+                if t == tok.eos_token_id:
+                    alive[i] = False
+                    j.out.put(("done", "stop", len(generated[i])))
+                    continue
+                generated[i].append(t)
+                text = tok.decode(generated[i], skip_special_tokens=True)
+                hit = min((text.find(s) for s in j.stop if s in text), default=-1)
+                if hit >= 0:
+                    text = text[:hit]
+                complete = hit >= 0 or not text.endswith("\ufffd")  # else a multi-byte character is unfinished
+                if complete and len(text) > len(sent[i]):
+                    j.out.put(("token", text[len(sent[i]):]))
+                    sent[i] = text
+                if hit >= 0:
+                    alive[i] = False
+                    j.out.put(("done", "stop", len(generated[i])))
+                elif len(generated[i]) >= j.max_tokens:
+                    alive[i] = False
+                    j.out.put(("done", "length", len(generated[i])))
+            if not any(alive):
+                break
+            mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=dev)], dim=1)
+            last_pos = last_pos + 1
+            out = model(input_ids=nxt[:, None].to(dev), attention_mask=mask, position_ids=last_pos,
+                        past_key_values=past, use_cache=True)
+            past, logits = out.past_key_values, out.logits[:, -1].float()
+
+
+class Server:
+    def __init__(self, loaded, name: str, max_tokens_limit: int, max_prompt_tokens: int, api_key: str | None,
+                 max_batch: int, window: float):
+        self.loaded, self.name = loaded, name
+        self.max_tokens_limit, self.max_prompt_tokens, self.api_key = max_tokens_limit, max_prompt_tokens, api_key
+        self.engine = Engine(loaded, max_batch=max_batch, window=window)
+
+    # ---- request parsing ------------------------------------------------------------------
+    def job_from(self, body: dict, prompt_ids: list[int]) -> Job:
+        def num(key, default, lo=None, hi=None, kind=float):
+            v = body.get(key, default)
+            if v is None:
+                return default
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and int(v) != v):
+                raise ApiError(400, f"'{key}' must be a {'integer' if kind is int else 'number'}", key)
+            if (lo is not None and v < lo) or (hi is not None and v > hi):
+                raise ApiError(400, f"'{key}' must be between {lo} and {hi}, got {v}", key)
+            return kind(v)
+
+        max_tokens = num("max_tokens", 16, 1, self.max_tokens_limit, int) if body.get("max_tokens") is not None else 16
+        if body.get("max_completion_tokens") is not None:
+            max_tokens = num("max_completion_tokens", 16, 1, self.max_tokens_limit, int)
+        stop = body.get("stop") or []
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
+            raise ApiError(400, "'stop' must be a string or a list of up to 4 non-empty strings", "stop")
+        if body.get("n", 1) != 1:
+            raise ApiError(400, "only n=1 is supported", "n")
+        if len(prompt_ids) > self.max_prompt_tokens:
+            raise ApiError(400, f"the prompt is {len(prompt_ids)} tokens; this server accepts at most "
+                                f"{self.max_prompt_tokens}", "messages" if "messages" in body else "prompt",
+                           "context_length_exceeded")
+        return Job(prompt_ids, max_tokens, num("temperature", 1.0, 0, 2), num("top_p", 1.0, 0, 1), stop,
+                   num("seed", None, kind=int) if body.get("seed") is not None else None)
+
+    def check_model(self, body: dict) -> None:
+        m = body.get("model")
+        if m is not None and m != self.name:
+            raise ApiError(404, f"The model '{m}' does not exist; this server serves '{self.name}'", "model",
+                           "model_not_found")
+
+    def completion_prompt(self, body: dict) -> list[int]:
+        p = body.get("prompt")
+        if isinstance(p, list) and len(p) == 1 and isinstance(p[0], str):
+            p = p[0]
+        if not isinstance(p, str):
+            raise ApiError(400, "'prompt' must be a string", "prompt")
+        return encode_prompt(self.loaded.tokenizer, p)
+
+    def chat_prompt(self, body: dict) -> list[int]:
+        msgs = body.get("messages")
+        if not isinstance(msgs, list) or not msgs or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs):
+            raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects", "messages")
+        tok, L = self.loaded.tokenizer, self.loaded
+        if L.template == "chat_template":
+            text = tok.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in msgs],
+                                           tokenize=False, add_generation_prompt=True)
+        else:
+            users = [m["content"] for m in msgs if m["role"] == "user"]
+            if not users:
+                raise ApiError(400, "no user message", "messages")
+            text = render_prompt(L.template, Example(instruction=users[-1]), tok, L.system_prompt)
+        return encode_prompt(tok, text)
+
+
+def make_handler(server: Server):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, fmt, *args):  # quiet; no request bodies (or keys) in logs
+            pass
+
+        def _json(self, status: int, obj: dict) -> None:
+            data = json.dumps(obj, ensure_ascii=False).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _auth(self) -> None:
+            if server.api_key and self.headers.get("Authorization") != f"Bearer {server.api_key}":
+                raise ApiError(401, "invalid or missing API key", code="invalid_api_key", type_="authentication_error")
+
+        def do_GET(self):
+            try:
+                if self.path == "/health":
+                    return self._json(200, {"status": "ok", "model": server.name, "batches": server.engine.batches})
+                self._auth()
+                if self.path == "/v1/models":
+                    return self._json(200, {"object": "list", "data": [
+                        {"id": server.name, "object": "model", "created": 0, "owned_by": "tunelab"}]})
+                raise ApiError(404, f"unknown path {self.path}", code="not_found")
+            except ApiError as e:
+                self._json(e.status, e.body())
+
+        def do_POST(self):
+            try:
+                self._auth()
+                if self.path not in ("/v1/completions", "/v1/chat/completions"):
+                    raise ApiError(404, f"unknown path {self.path}", code="not_found")
+                try:
+                    length = int(self.headers.get("Content-Length", "0"))
+                except ValueError:
+                    raise ApiError(400, "bad Content-Length") from None
+                if length > 8 << 20:
+                    raise ApiError(413, "request body too large")
+                raw = self.rfile.read(length)
+                try:
+                    body = json.loads(raw or b"null")
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    raise ApiError(400, f"malformed JSON body ({e})") from None
+                if not isinstance(body, dict):
+                    raise ApiError(400, "the request body must be a JSON object")
+                server.check_model(body)
+                chat = self.path == "/v1/chat/completions"
+                ids = server.chat_prompt(body) if chat else server.completion_prompt(body)
+                job = server.engine.submit(server.job_from(body, ids))
+                if body.get("stream"):
+                    return self._stream(job, chat, len(ids))
+                return self._complete(job, chat, len(ids))
+            except ApiError as e:
+                self._json(e.status, e.body())
+            except Exception as e:  # never a dropped connection
+                self._json(500, ApiError(500, f"internal error: {type(e).__name__}", type_="server_error").body())
+
+        def _events(self, job: Job):
+            while True:
+                ev = job.out.get()
+                if ev[0] == "error":
+                    raise ApiError(500, ev[1], type_="server_error")
+                yield ev
+                if ev[0] == "done":
+                    return
+
+        def _complete(self, job: Job, chat: bool, n_prompt: int):
+            text, finish, n = "", "length", 0
+            for ev in self._events(job):
+                if ev[0] == "token":
+                    text += ev[1]
+                else:
+                    finish, n = ev[1], ev[2]
+            cid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+            choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+                      if chat else {"index": 0, "text": text, "logprobs": None, "finish_reason": finish})
+            self._json(200, {"id": cid, "object": "chat.completion" if chat else "text_completion",
+                             "created": int(time.time()), "model": server.name, "choices": [choice],
+                             "usage": {"prompt_tokens": n_prompt, "completion_tokens": n,
+                                       "total_tokens": n_prompt + n}})
+
+        def _stream(self, job: Job, chat: bool, n_prompt: int):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True
+            cid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+            obj = "chat.completion.chunk" if chat else "text_completion"
+
+            def send(choice):
+                chunk = {"id": cid, "object": obj, "created": int(time.time()), "model": server.name, "choices": [choice]}
+                self.wfile.write(f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode())
+                self.wfile.flush()
+
+            try:
+                if chat:
+                    send({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+                for ev in self._events(job):
+                    if ev[0] == "token":
+                        send({"index": 0, "delta": {"content": ev[1]}, "finish_reason": None} if chat
+                             else {"index": 0, "text": ev[1], "logprobs": None, "finish_reason": None})
+                    else:
+                        send({"index": 0, "delta": {}, "finish_reason": ev[1]} if chat
+                             else {"index": 0, "text": "", "logprobs": None, "finish_reason": ev[1]})
+                self.wfile.write(b"data: [DONE]\n\n")
+                self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client went away; the engine finishes the row and drops it
+            except ApiError as e:
+                self.wfile.write(f"data: {json.dumps(e.body())}\n\n".encode())
+
+    return Handler
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server for a model, run folder or checkpoint")
+    p.add_argument("model", help="model spec, run folder or checkpoint")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--name", help="model id clients send (default: the folder or spec name)")
+    p.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask")
+    p.add_argument("--max-prompt-tokens", type=int, default=4096)
+    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--batch-window-ms", type=float, default=20.0, help="how long to gather requests into a batch")
+    p.add_argument("--api-key-env", help="require this environment variable's value as the Bearer key")
+    p.add_argument("--backend", choices=["auto", "transformers", "vllm"], default="auto")
+
+
+def _vllm_exec(args, loaded_spec: str) -> None:
+    """Replace this process with vLLM's OpenAI server (GPU + vllm installed)."""
+    import sys
+    from pathlib import Path
+
+    from .models import find_run, resolve_model
+
+    run, weights = find_run(Path(loaded_spec)) if Path(loaded_spec).is_dir() else (None, None)
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", args.host, "--port", str(args.port)]
+    if weights is not None and (weights / "adapter_config.json").is_file():
+        import yaml
+
+        base = resolve_model(yaml.safe_load((run / "config.yaml").read_text())["model"]["name"])
+        cmd += ["--model", str(base), "--enable-lora", "--lora-modules", f"{args.name or run.name}={weights}"]
+    else:
+        cmd += ["--model", str(weights or resolve_model(loaded_spec))]
+    console.print(f"vLLM backend: {' '.join(cmd)}")
+    os.execv(sys.executable, cmd)
+
+
+def cmd_serve(args) -> int:
+    from pathlib import Path
+
+    from .config import ConfigError
+    from .models import load_for_inference
+
+    for flag in ("max_tokens_limit", "max_prompt_tokens", "max_batch"):
+        if getattr(args, flag) <= 0:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be > 0")
+    key = None
+    if args.api_key_env:
+        key = os.environ.get(args.api_key_env)
+        if not key:
+            raise ConfigError(f"--api-key-env {args.api_key_env}: that environment variable is empty or unset")
+    if args.backend in ("auto", "vllm"):
+        import importlib.util
+
+        has_vllm = importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+        if has_vllm:
+            _vllm_exec(args, args.model)
+        elif args.backend == "vllm":
+            raise ConfigError("--backend vllm needs the vllm package and a CUDA GPU")
+    loaded = load_for_inference(args.model)
+    name = args.name or Path(args.model.rstrip("/")).name or args.model
+    srv = Server(loaded, name, args.max_tokens_limit, args.max_prompt_tokens, key, args.max_batch,
+                 args.batch_window_ms / 1000)
+    try:
+        httpd = ThreadingHTTPServer((args.host, args.port), make_handler(srv))
+    except OSError as e:
+        raise ConfigError(f"cannot listen on {args.host}:{args.port} ({e.strerror})") from None
+    httpd.daemon_threads = True
+    console.print(f"serving '{name}' (template {loaded.template}) on http://{args.host}:{httpd.server_address[1]}/v1 "
+                  f"(transformers backend, batches of up to {args.max_batch})")
+    try:
+        httpd.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        srv.engine.stopped = True
+        httpd.server_close()
+    return 0
