@@ -1,0 +1,38 @@
+"""CI smoke of bench/bench_train.py (a few steps on the tiny model): the script must not rot.
+
+Not a benchmark: no speed is asserted, only that every figure is produced and that tunelab and
+the recipe's stack trained the same tokens with the same loss curve."""
+
+import json
+import sys
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "bench"))
+
+
+def test_bench_train_smoke(tmp_path, tiny_model, alpaca_file):
+    import bench_train
+
+    out = tmp_path / "train.json"
+    rc = bench_train.main(["--model", str(tiny_model), "--data", str(alpaca_file), "--max-seq-length", "128",
+                           "--steps", "3", "--batch", "2", "--accum", "2", "--arms", "tunelab,tunelab-gc,recipe-fp32-nogc",
+                           "--out", str(out), "--tmp", str(tmp_path / "scratch")])
+    assert rc == 0
+    r = json.loads(out.read_text())
+    arms = {a["arm"]: a for a in r["arms"]}
+    assert set(arms) == {"tunelab", "tunelab-gc", "recipe-fp32-nogc"}
+    for a in arms.values():
+        assert a["steps"] == 3 and a["tokens_per_second"] > 0 and 0 < a["mfu"] and a["peak_rss_train_gib"] > 0
+        assert len(a["losses"]) == 3
+    vs = r["tunelab_vs"]["tunelab vs recipe-fp32-nogc"]
+    assert vs["same_tokens_per_step"], (arms["tunelab"]["tokens_per_step"], arms["recipe-fp32-nogc"]["tokens_per_step"])
+    assert vs["max_abs_loss_diff"] < 1e-3
+    assert r["fp32_matmul_peak_gflops"]["used"] > 0
+
+
+def test_bench_train_bad_arm(capsys):
+    import bench_train
+
+    assert bench_train.main(["--arms", "nope"]) == 2
+    assert "unknown arm" in capsys.readouterr().err
