@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--output", "-o", help="run folder (default: runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its newest checkpoint")
+    p.add_argument("--launcher", choices=["none", "accelerate"], default="none",
+                   help="accelerate: run --num-processes training processes (DDP; see configs/accelerate/)")
+    p.add_argument("--num-processes", type=int, default=2)
+    p.add_argument("--accelerate-config", help="an accelerate config file (FSDP, DeepSpeed, multi-node)")
 
     p = sub.add_parser("check", help="preflight: data, tokenizer and config checks without training")
     _common(p)
@@ -93,6 +97,8 @@ def cmd_train(args) -> int:
     for w in warnings:
         warn(w)
     out = Path(args.output) if args.output else Path("runs") / Path(args.config).stem
+    if args.launcher == "accelerate":
+        return launch_accelerate(args, out)
     summary = run(cfg, out, resume=args.resume, config_dir=Path(args.config).resolve().parent)
     if summary.get("status") == "interrupted":
         code = 143 if summary.get("signal") == "SIGTERM" else 130
@@ -102,6 +108,39 @@ def cmd_train(args) -> int:
     return 0
 
 
+def launch_accelerate(args, out: Path) -> int:
+    """Re-run this same `tunelab train` under `accelerate launch` (DDP by default; gloo on CPU)."""
+    import shutil
+    import socket
+    import subprocess
+
+    from .config import ConfigError
+
+    exe = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
+    if exe is None:
+        raise ConfigError("--launcher accelerate: the accelerate command is not installed")
+    cmd = [exe, "launch"]
+    if args.accelerate_config:
+        if not Path(args.accelerate_config).is_file():
+            raise ConfigError(f"--accelerate-config {args.accelerate_config}: file not found")
+        cmd += ["--config_file", args.accelerate_config]
+    else:
+        if args.num_processes < 1:
+            raise ConfigError("--num-processes must be >= 1")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        # torchrun-style launch; with no GPU the Trainer sets up DDP on CPU with the gloo backend
+        cmd += ["--multi_gpu", "--num_processes", str(args.num_processes), "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
+    cmd += ["-m", "tunelab", "train", args.config, "--output", str(out)]
+    for o in args.overrides:
+        cmd += ["--set", o]
+    if args.resume:
+        cmd.append("--resume")
+    return subprocess.call(cmd)
+
+
 def cmd_check(args) -> int:
     from .check import check
 
@@ -109,6 +148,10 @@ def cmd_check(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if int(os.environ.get("RANK", "0")) > 0:  # other ranks of a distributed run: the main one talks
+        from .ui import console
+
+        console.quiet = True
     for name in ("bitsandbytes", "httpx", "huggingface_hub", "accelerate"):  # before any of them is imported
         logging.getLogger(name).setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)

@@ -26,7 +26,7 @@ from .config import ConfigError, RunConfig, config_from_dict, save_config
 from .data.packing import PackedCollator, is_packed, packed_attention, split_packed
 from .data.pipeline import Collator, DataStats, TokenizedDataset, prepare
 from .data.preflight import PreflightError, check_examples
-from .fsutil import atomic_dir, atomic_write_text, clean_stale, commit_dir, is_disk_full, remove_tree
+from .fsutil import atomic_write_text, clean_stale, commit_dir, is_disk_full, remove_tree
 from .loss import chunked_causal_lm_loss
 from .models import (context_window, dtype_warning, load_model, load_tokenizer, pick_device, pick_dtype,
                      resolve_model)
@@ -372,7 +372,9 @@ def _check_writable(out: Path) -> None:
 def run(cfg: RunConfig, out: Path, *, resume: bool = False, config_dir: Path | None = None) -> dict:
     """Train one run into `out`. Returns the summary (also written to out/summary.json)."""
     t0 = time.perf_counter()
-    checkpoint = prepare_run_folder(cfg, out, resume)
+    # Under accelerate/torchrun every process runs this; only the main one checks and writes the run folder.
+    main = int(os.environ.get("RANK", "0")) == 0
+    checkpoint = prepare_run_folder(cfg, out, resume) if main else (newest_checkpoint(out) if resume else None)
 
     # --- setup -------------------------------------------------------------------------------
     s = setup_data(cfg, config_dir)
@@ -393,9 +395,10 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, config_dir: Path | N
 
     set_seed(cfg.train.seed)  # LoRA's A matrices are drawn at wrap time: seed before, not only in Trainer
     model = build_model(s)  # before anything is written: a model that won't load leaves no run folder behind
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    atomic_write_text(out / "data_stats.json", json.dumps(s.stats.to_dict(), indent=2, ensure_ascii=False))
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+        atomic_write_text(out / "data_stats.json", json.dumps(s.stats.to_dict(), indent=2, ensure_ascii=False))
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
     console.print(f"trainable parameters: {n_train:,} of {n_all:,} ({100 * n_train / n_all:.2f}%)")
@@ -429,13 +432,23 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, config_dir: Path | N
         summary["status"] = "interrupted"
         summary["signal"] = signal.Signals(stop.signum).name
     else:
-        final = out / "final"
-        with atomic_dir(final) as tmp:
-            trainer.save_model(str(tmp))
-            s.tokenizer.save_pretrained(str(tmp))
+        final, staging = out / "final", out / ".staging-final"
+        try:  # every process calls save_model (sharded setups gather collectively); the main one writes
+            trainer.save_model(str(staging))
+            if main:
+                s.tokenizer.save_pretrained(str(staging))
+                commit_dir(staging, final)
+        except Exception as e:
+            if main:
+                remove_tree(staging)
+            if is_disk_full(e):
+                raise TrainingError(f"disk full while saving {final}; the checkpoints are intact") from None
+            raise
+        trainer.accelerator.wait_for_everyone()
         console.print(f"[green]done[/green]: {summary['global_step']} steps, train loss {summary['train_loss']}, "
                       f"eval loss {summary['eval_loss']}; model in {final}")
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    if main:
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 
