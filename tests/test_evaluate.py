@@ -135,3 +135,58 @@ def test_mmlu_subject_fewshot_layout(monkeypatch):
     assert it.context.count("Answer:") == 3 and it.context.count("The following") == 1
     with pytest.raises(TaskError, match="per-subject"):
         load_task("mmlu").with_fewshot(1)
+
+
+def test_text_nll_plain_and_rolling_windows(loaded):
+    tok, model = loaded.tokenizer, loaded.model
+    text = "Add 10 and 20 and then tell me about the capital city."
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([[tok.eos_token_id] + ids])).logits[0], -1)
+    whole = -sum(float(logp[j, t]) for j, t in enumerate(ids))
+    nll, n = scoring.text_nll(loaded, text)
+    assert n == len(ids) and abs(nll - whole) < 1e-4
+    # windows of one token: each token predicted from the single token before it (a bigram model)
+    prev = [tok.eos_token_id] + ids[:-1]
+    with torch.no_grad():
+        bigram = -sum(float(torch.log_softmax(model(input_ids=torch.tensor([[p]])).logits[0, -1], -1)[t])
+                      for p, t in zip(prev, ids))
+    nll1, n1 = scoring.text_nll(loaded, text, max_len=1)
+    assert n1 == n and abs(nll1 - bigram) < 1e-4 and abs(nll1 - whole) > 1e-3
+
+
+def test_eval_text_perplexity(tmp_path, tiny_model, monkeypatch):
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "t.txt").write_text("Add 1 and 2.\nThe answer is 3.\n\n\nthe capital city\n\nHi there\n")
+    assert main(["eval", str(tiny_model), "--tasks", f"ppl:{tmp_path / 't.txt'}", "--out", str(tmp_path / "ev")]) == 0
+    r = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert r["tasks"]["ppl:t.txt"]["items"] == 3
+    m = r["models"][str(tiny_model)]["ppl:t.txt"]
+    import math
+
+    loss = sum(m["per_item"]["nll"]) / sum(m["per_item"]["tokens"])
+    assert abs(m["metrics"]["loss"][0] - loss) < 1e-9 and abs(m["metrics"]["perplexity"][0] - math.exp(loss)) < 1e-6
+    assert loss > 0
+    assert main(["eval", str(tiny_model), "--tasks", f"ppl:{tmp_path / 'missing.txt'}"]) == 2
+
+
+def test_interrupted_eval_keeps_the_cache_and_resumes(tmp_path, tiny_model, monkeypatch):
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+    mc, _ = _task_files(tmp_path)
+    real, calls = scoring.choice_logliks, []
+
+    def interrupt_at_fifth(*a, **k):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(scoring, "choice_logliks", interrupt_at_fifth)
+    out = tmp_path / "ev"
+    assert main(["eval", str(tiny_model), "--tasks", str(mc), "--out", str(out)]) == 130
+    assert not (out / "results.json").exists()  # no half-written result
+    calls.clear()
+    monkeypatch.setattr(scoring, "choice_logliks", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    assert main(["eval", str(tiny_model), "--tasks", str(mc), "--out", str(out)]) == 0
+    assert len(calls) == 12 - 4  # the 4 items scored before Ctrl-C came from the cache
+    assert json.loads((out / "results.json").read_text())["tasks"]["add"]["items"] == 12

@@ -90,14 +90,44 @@ class _StopStrings:
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
+class _TerminalStream:
+    """Print one prompt's completion token by token (transformers' TextStreamer does the incremental
+    decoding); text that could still turn into a stop string is held back, so what is printed is
+    exactly the returned completion."""
+
+    def __init__(self, tokenizer, stops: list[str], write):
+        from transformers import TextStreamer
+
+        self.stops, self.write, self.text, self.shown = stops, write, "", 0
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.inner = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.inner.on_finalized_text = self._on_text
+
+    def put(self, value):
+        self.inner.put(value)
+
+    def end(self):
+        self.inner.end()
+
+    def _on_text(self, text: str, stream_end: bool = False):
+        self.text += text
+        cut, stopped = _cut_at_stop(self.text, self.stops)
+        upto = len(cut) if (stopped or stream_end) else max(self.shown, len(cut) - self.hold)
+        if upto > self.shown:
+            self.write(cut[self.shown:upto])
+            self.shown = upto
+
+
 def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
 @torch.inference_mode()
-def generate_batch(loaded, prompts: list[str], params: GenParams, template: str | None = None) -> list[Completion]:
-    """One left-padded batch through model.generate. `prompts` are raw user prompts."""
+def generate_batch(loaded, prompts: list[str], params: GenParams, template: str | None = None,
+                   stream=None) -> list[Completion]:
+    """One left-padded batch through model.generate. `prompts` are raw user prompts.
+    `stream(text)` receives a single prompt's completion piece by piece as it is generated."""
     tok, model = loaded.tokenizer, loaded.model
     ids = [encode_prompt(tok, build_prompt(loaded, p, template)) for p in prompts]
     width = max(len(x) for x in ids)
@@ -117,6 +147,8 @@ def generate_batch(loaded, prompts: list[str], params: GenParams, template: str 
         kwargs["repetition_penalty"] = params.repetition_penalty
     if params.stop:
         kwargs["stopping_criteria"] = [_StopStrings(tok, params.stop, width)]
+    if stream is not None and len(prompts) == 1:
+        kwargs["streamer"] = _TerminalStream(tok, params.stop, stream)
     torch.manual_seed(params.seed)
     out = model.generate(input_ids=input_ids.to(loaded.device), attention_mask=mask.to(loaded.device), **kwargs)
     results = []
@@ -133,10 +165,11 @@ def generate_batch(loaded, prompts: list[str], params: GenParams, template: str 
 
 
 def generate(loaded, prompts: list[str], params: GenParams, *, batch_size: int = 16, cache=None,
-             on_result=None, progress: bool = False, template: str | None = None) -> list[Completion]:
+             on_result=None, progress: bool = False, template: str | None = None, stream=None) -> list[Completion]:
     """Generate for many prompts: cached ones come from disk, the rest in batches of similar length.
 
-    on_result(index, Completion) is called as each completion is ready (for streaming output)."""
+    on_result(index, Completion) is called as each completion is ready (for streaming output);
+    with a single prompt to generate, stream(text) also gets its tokens as they come."""
     params.validate()
     results: list[Completion | None] = [None] * len(prompts)
     todo = []
@@ -154,7 +187,8 @@ def generate(loaded, prompts: list[str], params: GenParams, *, batch_size: int =
     try:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
-            for i, c in zip(chunk, generate_batch(loaded, [prompts[i] for i in chunk], params, template)):
+            for i, c in zip(chunk, generate_batch(loaded, [prompts[i] for i in chunk], params, template,
+                                                   stream if len(prompts) == 1 else None)):
                 results[i] = c
                 if cache is not None:
                     cache.put(loaded, build_prompt(loaded, prompts[i], template), params,
@@ -274,13 +308,24 @@ def cmd_generate(args) -> int:
     t0 = time.perf_counter()
     stream = sys.stdout.isatty() or not args.out
 
+    tty = sys.stdout.isatty()
+    streamed = []
+
     def show(i, c: Completion):
-        if stream:
+        if streamed:  # its tokens are on the screen already
+            print(flush=True)
+        elif stream:
             print(json.dumps({"index": i, "prompt": c.prompt, "completion": c.text}, ensure_ascii=False)
-                  if not sys.stdout.isatty() else f"\n[{i}] {c.prompt}\n→ {c.text}", flush=True)
+                  if not tty else f"\n[{i}] {c.prompt}\n→ {c.text}", flush=True)
+
+    def stream_tokens(piece: str):  # a single prompt on a terminal: token by token
+        if not streamed:
+            print(f"\n[0] {prompts[0]}\n→ ", end="", flush=True)
+        streamed.append(piece)
+        print(piece, end="", flush=True)
 
     results = generate(loaded, prompts, params, batch_size=args.batch_size, cache=cache, on_result=show,
-                       progress=True)
+                       progress=not (tty and len(prompts) == 1), stream=stream_tokens if tty else None)
     if args.out:
         rows = [{"prompt": c.prompt, "completion": c.text, "tokens": c.tokens, "finish_reason": c.finish_reason,
                  "model": loaded.name, "template": loaded.template, **{f"param_{k}": v for k, v in params.key().items()}}

@@ -7,6 +7,7 @@ Every scored item is cached (see cache.py): Ctrl-C keeps what is done and a reru
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -29,7 +30,7 @@ def add_parser(sub) -> None:
     p.add_argument("models", nargs="+", help="model specs, run folders or checkpoints (the first is the reference)")
     p.add_argument("--tasks", "-t", required=True,
                    help="comma-separated: arc_easy, arc_challenge, mmlu, mmlu_<subject>, kobest_{boolq,copa,hellaswag,"
-                        "sentineg,wic}, gsm8k, ppl:<alpaca data file>, or task .yaml files")
+                        "sentineg,wic}, gsm8k, ppl:<instruction data file or .txt text>, or task .yaml files")
     p.add_argument("--limit", type=int, help="first N items of each task")
     p.add_argument("--fewshot", "-k", type=int, default=0, help="solved examples before each item")
     p.add_argument("--seed", type=int, default=1234, help="few-shot sampling and bootstrap seed")
@@ -39,10 +40,23 @@ def add_parser(sub) -> None:
 
 
 def _ppl_task(path: str):
+    """`ppl:FILE`: an instruction set (the run's template, loss on the responses) or, for a .txt
+    file, plain text (one document per blank-line-separated block, no template)."""
     from ..config import DataConfig
     from ..data.pipeline import DataStats, load_examples
     from .tasks import Item, Task
 
+    if path.endswith(".txt"):
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise TaskError(f"perplexity text file not found: {path}") from None
+        except UnicodeDecodeError:
+            raise TaskError(f"{path}: not UTF-8 text") from None
+        docs = [d.strip() for d in re.split(r"\n\s*\n", text) if d.strip()]
+        if not docs:
+            raise TaskError(f"{path}: no text to score")
+        return Task(f"ppl:{Path(path).name}", "perplexity", [Item("", response=d) for d in docs])
     try:
         pairs = load_examples(DataConfig(path=path), path, DataStats())
     except ValueError as e:
@@ -87,7 +101,9 @@ def score_task(loaded, task, items, cache: Cache | None, batch_size: int, progre
             key = Cache.key("nll", fp, it.context, it.response)
             got = cache.get_raw(key) if cache else None
             if got is None:
-                got = list(scoring.response_nll(loaded, it.context, it.response))
+                # an empty prompt means plain text (no template), else the response after the templated prompt
+                got = list(scoring.response_nll(loaded, it.context, it.response) if it.context
+                           else scoring.text_nll(loaded, it.response))
                 if cache:
                     cache.put_raw(key, "nll", got)
             nll.append(got[0])

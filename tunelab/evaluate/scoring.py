@@ -46,7 +46,7 @@ def choice_logliks(loaded, context: str, choices: list[str], delimiter: str = " 
     if width == 0:
         return lls
     n = len(choices)
-    cache = out.past_key_values
+    cache = getattr(out, "cache", None) or out.past_key_values  # `cache` since transformers 5.2x
     cache.batch_repeat_interleave(n)
     ids = torch.full((n, width), tok.pad_token_id, dtype=torch.long)
     mask = torch.zeros((n, len(ctx) + width), dtype=torch.long)
@@ -54,7 +54,7 @@ def choice_logliks(loaded, context: str, choices: list[str], delimiter: str = " 
     for i, r in enumerate(rest):  # right padding: pads sit after the real tokens and can't affect them
         ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
         mask[i, len(ctx): len(ctx) + len(r)] = 1
-    logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), past_key_values=cache).logits
+    logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), cache=cache).logits
     logp = torch.log_softmax(logits.float(), dim=-1)
     for i, c in enumerate(conts):
         if len(c) > 1:
@@ -109,6 +109,25 @@ def response_nll(loaded, prompt: str, response: str) -> tuple[float, int]:
     r = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     ll = _full_loglik(loaded.model, p, r, loaded.device)
     return -ll, len(r)
+
+
+@torch.inference_mode()
+def text_nll(loaded, text: str, max_len: int | None = None) -> tuple[float, int]:
+    """Summed negative log-likelihood of a plain text (no template) and its token count.
+
+    Like lm-eval's loglikelihood_rolling: the first token is predicted from the end-of-text token,
+    and a text longer than the model's window is cut into disjoint windows, each conditioned on
+    the one token before it (hand-written: transformers has no rolling scorer)."""
+    tok, model = loaded.tokenizer, loaded.model
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        return 0.0, 0
+    window = max_len or min(getattr(model.config, "max_position_embeddings", 2048) or 2048, 2048)
+    full = [tok.eos_token_id] + ids
+    nll = 0.0
+    for start in range(0, len(ids), window):
+        nll -= _full_loglik(model, [full[start]], ids[start:start + window], loaded.device)
+    return nll, len(ids)
 
 
 def perplexity(nll_sum: float, tokens: int) -> float:
