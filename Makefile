@@ -23,6 +23,10 @@ demo: install
 	$(BIN)/tunelab check configs/smollm2-demo.yaml
 	rm -rf runs/demo
 	$(BIN)/tunelab train configs/smollm2-demo.yaml --output runs/demo
+	# base vs tuned on a few of the recipe's mixed Korean/English questions, then a report
+	$(BIN)/tunelab compare smollm2-135m runs/demo --out runs/demo-compare --limit 4 --max-new-tokens 64
+	$(BIN)/tunelab report runs/demo runs/demo-compare --out runs/demo-report
+	@echo "open runs/demo-report/report.html"
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -81,3 +81,23 @@ def test_cli_generate_writes_jsonl(tmp_path, tiny_model, monkeypatch):
     rows = [json.loads(l) for l in out.read_text().splitlines()]
     assert [r["prompt"] for r in rows] == ["Add 1 and 2.", "Hi"] and all("completion" in r for r in rows)
     assert main(["generate", str(tiny_model), "-p", "x", "--temperature", "0.05"]) == 2
+
+
+def test_adapter_on_a_different_base_is_refused_naming_both(tmp_path, tiny_config, capsys, monkeypatch):
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    assert main(["train", str(tiny_config), "--output", str(run), "--set", "train.max_steps=1",
+                 "--set", "train.save_steps=1"]) == 0
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    other = tmp_path / "wide"
+    LlamaForCausalLM(LlamaConfig(vocab_size=400, hidden_size=96, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(other)
+    import shutil
+
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(run / "final" / f, other / f)
+    capsys.readouterr()
+    assert main(["generate", str(other), "--adapter", str(run / "checkpoint-1"), "-p", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "trained on a different base" in err and "hidden size 64" in err and "hidden size 96" in err

@@ -104,7 +104,7 @@ class Engine:
             mask[i, width - len(j.ids):] = 1
         ids, mask = ids.to(dev), mask.to(dev)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
         past, logits = out.past_key_values, out.logits[:, -1].float()
         gens = [torch.Generator().manual_seed(j.seed if j.seed is not None else int(time.time_ns() % 2**31))
                 for j in batch]
@@ -154,7 +154,7 @@ class Engine:
             mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=dev)], dim=1)
             last_pos = last_pos + 1
             out = model(input_ids=nxt[:, None].to(dev), attention_mask=mask, position_ids=last_pos,
-                        past_key_values=past, use_cache=True)
+                        past_key_values=past, use_cache=True, logits_to_keep=1)
             past, logits = out.past_key_values, out.logits[:, -1].float()
 
 
