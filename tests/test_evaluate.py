@@ -190,3 +190,13 @@ def test_interrupted_eval_keeps_the_cache_and_resumes(tmp_path, tiny_model, monk
     assert main(["eval", str(tiny_model), "--tasks", str(mc), "--out", str(out)]) == 0
     assert len(calls) == 12 - 4  # the 4 items scored before Ctrl-C came from the cache
     assert json.loads((out / "results.json").read_text())["tasks"]["add"]["items"] == 12
+
+
+def test_gsm8k_fewshot_shows_worked_answers(monkeypatch):
+    if not (SHARED / "bench").is_dir():
+        pytest.skip("../shared/data/bench is not beside this checkout")
+    monkeypatch.setenv("TUNELAB_BENCH_DIR", str(SHARED / "bench"))
+    t = load_task("gsm8k")
+    it = t.with_fewshot(2, seed=7)[0]
+    assert it.context.count("####") == 2 and it.context.endswith(t.items[0].context)
+    assert it.target == t.items[0].target and "####" not in t.items[0].context

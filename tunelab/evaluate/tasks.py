@@ -70,7 +70,9 @@ class Task:
         return out
 
     def _answer(self, it: Item) -> str:
-        return it.choices[it.gold] if self.kind == "multiple_choice" else it.target
+        """A solved example's answer: the gold choice, or for generation the full worked answer when the
+        data has one (GSM8K's reasoning ending in '#### N', as lm-eval's gsm8k shows), else the target."""
+        return it.choices[it.gold] if self.kind == "multiple_choice" else (it.response or it.target)
 
 
 def bench_dir() -> Path:
