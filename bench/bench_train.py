@@ -166,10 +166,12 @@ def worker(arm: str, a) -> None:
         sys.stdout.write(TAG + json.dumps({"kind": kind, **kw}) + "\n")
         sys.stdout.flush()
 
-    def wait_go():
-        line = sys.stdin.readline()
-        if not line or line.strip() != "go":
+    def wait_go() -> bool:
+        """True: run the next step; False: the parent's time budget is spent, stop training."""
+        line = sys.stdin.readline().strip()
+        if line not in ("go", "stop"):
             sys.exit(0)
+        return line == "go"
 
     steps = a.shipped_steps if arm == "recipe-shipped" else a.steps
     trainer, model_info = (build_tunelab if arm.startswith("tunelab") else build_recipe)(arm, a, steps)
@@ -194,7 +196,9 @@ def worker(arm: str, a) -> None:
                 log[k].append(v)
             send("step", step=state.global_step, seconds=dt, tokens=counter.tokens)
             if state.global_step < steps:
-                wait_go()
+                if not wait_go():
+                    control.should_training_stop = True
+                    return
                 counter.reset()
                 self.t0 = time.perf_counter()
 
@@ -337,6 +341,10 @@ class Arm:
         self.steps_done += 1
         return msg
 
+    def stop(self):
+        self.proc.stdin.write("stop\n")
+        self.proc.stdin.flush()
+
     def finish(self):
         self.result = self.read("done")
         self.proc.wait(timeout=120)
@@ -383,6 +391,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--shipped-steps", type=int, default=1, help="steps for recipe-shipped (bf16 is slow on CPU)")
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--minutes", type=float, default=None,
+                   help="start no new round after this many minutes (every arm keeps the steps it ran)")
     p.add_argument("--pack-max-tokens", type=int, default=4096)
     p.add_argument("--arms", default=",".join(ARMS))
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "train.json"))
@@ -419,7 +429,14 @@ def main(argv=None) -> int:
         print(f"{name}: ready ({workers[-1].info['rows']} rows)", flush=True)
     target = {w.name: (a.shipped_steps if w.name == "recipe-shipped" else a.steps) for w in workers}
     rnd = 0
+    t_start = time.time()
     while any(w.steps_done < target[w.name] for w in workers):
+        if rnd > 0 and a.minutes and time.time() - t_start > 60 * a.minutes:
+            print(f"time budget of {a.minutes} min spent after {rnd} rounds: stopping every arm", flush=True)
+            for w in workers:
+                if 0 < w.steps_done < target[w.name]:
+                    w.stop()
+            break
         order = workers if rnd % 2 == 0 else workers[::-1]  # alternate the order: no arm always goes first
         for w in order:
             if w.steps_done < target[w.name]:
