@@ -61,6 +61,11 @@ class Engine:
         self.jobs: queue.Queue[Job] = queue.Queue()
         self.batches = 0
         self.stopped = False
+        # One forward pass on the calling (main) thread before the worker thread starts: measured here,
+        # a model whose first parallel op ran on a secondary thread decoded ~5x slower for the whole
+        # process lifetime (CPU thread pools are set up by the first thread that uses them).
+        with torch.inference_mode():
+            loaded.model(input_ids=torch.tensor([[loaded.tokenizer.eos_token_id] * 4], device=loaded.device))
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.thread.start()
 
