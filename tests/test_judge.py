@@ -165,3 +165,15 @@ def test_compare_blind_and_local_judge(tmp_path, tiny_model, monkeypatch):
     assert main(["judge", str(out), "--judge", str(tiny_model), "--retries", "0"]) == 0
     j = json.loads((out / "judge_pairwise.json").read_text())
     assert j["judged"] + j["errors"] == 3
+
+
+def test_blind_log_torn_last_line_is_dropped_other_bad_lines_named(tmp_path):
+    from tunelab.evaluate.compare import CompareError, read_ratings
+
+    log = tmp_path / "blind.jsonl"
+    log.write_text('{"index": 0, "winner": "a"}\n{"index": 1, "winner": "tie"}\n{"index": 2, "win')
+    assert sorted(read_ratings(log)) == [0, 1]
+    assert log.read_text().endswith('"tie"}\n')  # the next verdict is appended on a clean line
+    log.write_text('{"index": 0, "winner": "a"}\n{oops\n{"index": 2, "winner": "b"}\n')
+    with pytest.raises(CompareError, match=r"blind.jsonl:2: malformed"):
+        read_ratings(log)

@@ -110,16 +110,31 @@ def blind_summary(ratings: list[dict]) -> dict:
             "ties": sum(o == 0.5 for o in outcomes), "b_win_rate": [rate, lo, hi]}
 
 
+def read_ratings(log: Path) -> dict[int, dict]:
+    """The verdicts so far. A last line cut short by a crash is dropped (that prompt is asked again);
+    a malformed line elsewhere is an error naming file:line."""
+    if not log.is_file():
+        return {}
+    lines = log.read_text(encoding="utf-8").splitlines()
+    done = {}
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+            done[int(r["index"])] = r
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            if n < len(lines):
+                raise CompareError(f"{log}:{n}: malformed rating line; fix or delete it to continue") from None
+            atomic_write_text(log, "".join(l + "\n" for l in lines[:-1]))  # drop the torn last line
+    return done
+
+
 def cmd_blind(args) -> int:
     folder = Path(args.folder)
     meta, rows = load_pairs(folder)
     log = folder / "blind.jsonl"
-    done = {}
-    if log.is_file():
-        for line in log.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                r = json.loads(line)
-                done[r["index"]] = r
+    done = read_ratings(log)
     todo = [r for r in rows if r["index"] not in done]
     console.print(f"blind A/B: {len(rows)} prompts, {len(done)} already rated. Keys: 1 = first answer better, "
                   f"2 = second better, t = tie, q = stop (resume later).")
