@@ -24,14 +24,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--task", default="arc_easy")
+    ap.add_argument("--task", default="arc_easy", help="a built-in task or a task .yaml file")
     ap.add_argument("--limit", type=int, default=40)
     ap.add_argument("--fewshot", type=int, default=0, help="longer contexts make sharing pay more")
     ap.add_argument("--out", default="bench/results/eval.json")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     os.environ.setdefault("TUNELAB_BENCH_DIR", str(ROOT.parent / "shared/data/bench"))
 
     import torch

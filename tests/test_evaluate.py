@@ -200,3 +200,18 @@ def test_gsm8k_fewshot_shows_worked_answers(monkeypatch):
     it = t.with_fewshot(2, seed=7)[0]
     assert it.context.count("####") == 2 and it.context.endswith(t.items[0].context)
     assert it.target == t.items[0].target and "####" not in t.items[0].context
+
+
+def test_bench_eval_smoke(tmp_path, tiny_model, monkeypatch):
+    """bench/bench_eval.py must not rot: both arms on the tiny model agree."""
+    from conftest import REPO
+
+    monkeypatch.setenv("TUNELAB_BENCH_DIR", str(SHARED / "bench"))  # the script's setdefault must not leak
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import bench_eval
+
+    mc, _ = _task_files(tmp_path)
+    out = tmp_path / "eval.json"
+    assert bench_eval.main(["--model", str(tiny_model), "--task", str(mc), "--limit", "3", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["items"] == 3 and r["choices"] == 6 and r["max_loglik_diff"] < 1e-3 and r["same_prediction"] == 3
