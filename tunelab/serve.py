@@ -159,7 +159,7 @@ class Engine:
             mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=dev)], dim=1)
             last_pos = last_pos + 1
             out = model(input_ids=nxt[:, None].to(dev), attention_mask=mask, position_ids=last_pos,
-                        past_key_values=past, use_cache=True, logits_to_keep=1)
+                        cache=past, use_cache=True, logits_to_keep=1)
             past, logits = out.past_key_values, out.logits[:, -1].float()
 
 
