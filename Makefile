@@ -21,11 +21,14 @@ install: $(BIN)/.installed
 
 demo: install
 	$(BIN)/tunelab check configs/smollm2-demo.yaml
-	rm -rf runs/demo
+	rm -rf runs/demo runs/demo-eval runs/demo-compare runs/demo-report
+	# eval loss at step 0 (the base model) and after training is in the log and runs/demo/summary.json
 	$(BIN)/tunelab train configs/smollm2-demo.yaml --output runs/demo
-	# base vs tuned on a few of the recipe's mixed Korean/English questions, then a report
-	$(BIN)/tunelab compare smollm2-135m runs/demo --out runs/demo-compare --limit 4 --max-new-tokens 64
-	$(BIN)/tunelab report runs/demo runs/demo-compare --out runs/demo-report
+	# exact match of base vs tuned on the 200 held-out questions, with 95% CIs and the paired difference
+	$(BIN)/tunelab eval smollm2-135m runs/demo --tasks examples/demo_task/task.yaml --out runs/demo-eval
+	# answers side by side to a few held-out questions, then one HTML report of it all
+	$(BIN)/tunelab compare smollm2-135m runs/demo --prompts examples/demo_task/prompts.txt --out runs/demo-compare --max-new-tokens 32
+	$(BIN)/tunelab report runs/demo runs/demo-eval runs/demo-compare --out runs/demo-report
 	@echo "open runs/demo-report/report.html"
 
 test: install

@@ -49,7 +49,7 @@ train: {{per_device_train_batch_size: 2, per_device_eval_batch_size: 4, gradient
     assert {"train/loss", "eval/loss", "train/learning_rate", "train/grad_norm", "train/tokens_per_second"} <= tags
 
 
-@pytest.mark.parametrize("config", ["configs/smollm2-demo.yaml", "configs/korean-chatbot.yaml"])
+@pytest.mark.parametrize("config", ["configs/smollm2-alpaca.yaml", "configs/korean-chatbot.yaml"])
 def test_shipped_configs_pass_preflight_on_real_data(config, capsys):
     if not SHARED.is_dir():
         pytest.skip("../shared/data is not beside this checkout")

@@ -85,6 +85,34 @@ def test_bad_task_inputs(tmp_path):
         load_task_file(tmp_path / "bad2.yaml")
 
 
+def test_generate_task_template_key(tmp_path, loaded, monkeypatch):
+    """`template: model` sends each question through the model's prompt template; default plain sends it as is."""
+    from rich.progress import Progress
+
+    from tunelab.evaluate import harness
+    from tunelab.generate import build_prompt
+
+    _, gen = _task_files(tmp_path)
+    assert load_task_file(gen).template == "plain"
+    gen.write_text(gen.read_text() + "template: model\n")
+    t = load_task_file(gen)
+    seen = []
+    real = harness.generate
+
+    def spy(loaded_, prompts, params, **kw):
+        seen.append(build_prompt(loaded_, prompts[0], kw["template"]))
+        return real(loaded_, prompts, params, **kw)
+
+    monkeypatch.setattr(harness, "generate", spy)
+    with Progress(disable=True) as progress:
+        per = harness.score_task(loaded, t, t.items[:2], None, 2, progress)
+    assert len(per["exact_match"]) == 2
+    assert seen[0].startswith("Below is an instruction") and t.items[0].context in seen[0]
+    gen.write_text(gen.read_text().replace("template: model", "template: chat"))
+    with pytest.raises(TaskError, match=r"gen.yaml:7: template must be plain .* or model"):
+        load_task_file(gen)
+
+
 def test_eval_two_models_table_and_cache(tmp_path, tiny_model, monkeypatch, capsys):
     monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
     mc, gen = _task_files(tmp_path)

@@ -1,4 +1,5 @@
 import json
+import re
 import shutil
 import subprocess
 
@@ -33,6 +34,8 @@ def test_report_html_and_markdown_render(tmp_path, tiny_config, tiny_model, monk
     for png in ("run_loss.png", "ev_bench.png", "cmp_winrate.png"):
         assert f"]({png})" in md and (out / png).stat().st_size > 5000
     assert "add (n=6, 0-shot)" in page and "Add 3 and 4." in page
+    # markdown tables: header, separator and rows on consecutive lines (a blank line would end the table)
+    assert re.search(r"\n\| task \| metric [^\n]*\|\n\|---\|---\|[^\n]*\n\| add \(n=6, 0-shot\) \|", md)
     assert main(["report", str(tmp_path / "mc.yaml")]) == 2
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -53,3 +53,11 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_config):
     assert wa.keys() == wb.keys()
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
     assert any(torch.count_nonzero(wa[k]) for k in wa if "lora_B" in k)  # training moved B away from zero
+
+
+def test_eval_on_start_gives_loss_before_and_after(tmp_path, tiny_config, capsys):
+    out = tmp_path / "run"
+    assert main(["train", str(tiny_config), "--output", str(out), "--set", "eval.eval_on_start=true"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["first_eval_step"] == 0 and s["eval_loss"] < s["first_eval_loss"]  # lr 1e-3 on a random model
+    assert f"eval loss {s['first_eval_loss']} at step 0 -> {s['eval_loss']}" in " ".join(capsys.readouterr().err.split())

@@ -171,8 +171,8 @@ def pick_dtype(requested: str, device: str) -> torch.dtype:
 
 def dtype_warning(dtype: torch.dtype, device: str) -> str | None:
     if device == "cpu" and dtype in (torch.bfloat16, torch.float16):
-        return (f"compute dtype {str(dtype).replace('torch.', '')} on CPU: most CPUs (AVX2, no AMX/AVX-512 BF16) "
-                f"run it many times slower than float32; set model.dtype=float32")
+        return (f"compute dtype {str(dtype).replace('torch.', '')} on CPU: CPUs without AMX run it many times "
+                f"slower than float32 (17x slower training measured on an AVX-512-BF16 EPYC); set model.dtype=float32")
     return None
 
 

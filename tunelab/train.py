@@ -445,8 +445,10 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, config_dir: Path | N
                 raise TrainingError(f"disk full while saving {final}; the checkpoints are intact") from None
             raise
         trainer.accelerator.wait_for_everyone()
+        before = (f"{summary['first_eval_loss']} at step {summary['first_eval_step']} -> "
+                  if summary["first_eval_step"] is not None and summary["first_eval_step"] < summary["global_step"] else "")
         console.print(f"[green]done[/green]: {summary['global_step']} steps, train loss {summary['train_loss']}, "
-                      f"eval loss {summary['eval_loss']}; model in {final}")
+                      f"eval loss {before}{summary['eval_loss']}; model in {final}")
     if main:
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return summary
@@ -475,6 +477,8 @@ def make_summary(trainer, result, s: Setup, out: Path, wall: float, method: str)
         "train_loss": rnd(train_losses[-1]) if train_losses else None,
         "train_loss_mean": rnd(result.training_loss),
         "eval_loss": rnd(eval_losses[-1][1]) if eval_losses else None,
+        "first_eval_loss": rnd(eval_losses[0][1]) if eval_losses else None,  # at step 0 with eval_on_start
+        "first_eval_step": eval_losses[0][0] if eval_losses else None,
         "best_eval_loss": rnd(min(v for _, v in eval_losses)) if eval_losses else None,
         "best_eval_step": min(eval_losses, key=lambda x: x[1])[0] if eval_losses else None,
         "early_stopped": trainer.state.global_step < trainer.state.max_steps,

@@ -92,7 +92,7 @@ def score_task(loaded, task, items, cache: Cache | None, batch_size: int, progre
     elif task.kind == "generate":
         params = GenParams(max_new_tokens=task.max_new_tokens, stop=list(task.stop))
         outs = generate(loaded, [it.context for it in items], params, batch_size=batch_size, cache=cache,
-                        template="plain", on_result=lambda i, c: progress.advance(bar))
+                        template=None if task.template == "model" else "plain", on_result=lambda i, c: progress.advance(bar))
         per["exact_match"] = [scoring.exact_match(o.text, it.target, task.regex) for o, it in zip(outs, items)]
         per["outputs"] = [o.text for o in outs]
     else:

@@ -63,13 +63,12 @@ class Section:
                     for r in rows)
         self.html.append(f"<table><thead><tr>{h}</tr></thead><tbody>{b}</tbody></table>")
         esc = lambda c: str(c).replace("|", "\\|").replace("\n", "<br>")
-        self.md += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        self.md += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
-        self.md.append("")
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        self.md.append("\n".join(lines + ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]))
 
     def text(self, s: str) -> None:
         self.html.append(f"<p>{html.escape(s)}</p>")
-        self.md.append(s + "\n")
+        self.md.append(s)
 
 
 def run_section(run: Path) -> Section:
@@ -77,7 +76,8 @@ def run_section(run: Path) -> Section:
     summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
     if summary:
         keys = ["status", "method", "model", "device", "compute_dtype", "global_step", "input_tokens_seen",
-                "train_loss", "eval_loss", "best_eval_loss", "best_eval_step", "wall_time_s", "peak_rss_gib"]
+                "train_loss", "first_eval_step", "first_eval_loss", "eval_loss", "best_eval_loss", "best_eval_step",
+                "wall_time_s", "peak_rss_gib"]
         s.table(["", "value"], [[k, summary.get(k)] for k in keys if k in summary])
         if summary.get("overfitting_warning"):
             s.text("Warning: " + summary["overfitting_warning"])

@@ -50,6 +50,7 @@ class Task:
     max_new_tokens: int = 256
     stop: list[str] = field(default_factory=lambda: ["Question:", "\n\n"])
     allow_fewshot: bool = True
+    template: str = "plain"  # generate: "plain" sends the context as is; "model" wraps it in the run's template
 
     def with_fewshot(self, k: int, seed: int = 1234) -> list[Item]:
         """Items with k solved examples prepended, drawn with a fixed seed per item (never the item itself)."""
@@ -182,7 +183,7 @@ BUILTIN = {
     **{f"kobest_{n}": (lambda n=n: kobest(n)) for n in ("boolq", "copa", "hellaswag", "sentineg", "wic")},
 }
 TASK_FILE_KEYS = {"name", "kind", "path", "context", "choices", "gold", "target", "response", "target_delimiter",
-                  "description", "regex", "max_new_tokens", "stop", "fewshot_path"}
+                  "description", "regex", "max_new_tokens", "stop", "fewshot_path", "template"}
 
 
 def _fmt(template, row: dict, where: str):
@@ -257,7 +258,10 @@ def load_task_file(path: Path) -> Task:
 
     t = Task(str(spec.get("name", path.stem)), kind, items_of(data),
              items_of(path.parent / spec["fewshot_path"]) if spec.get("fewshot_path") else [])
-    for k in ("target_delimiter", "description", "regex", "max_new_tokens", "stop"):
+    if spec.get("template", "plain") not in ("plain", "model"):
+        raise TaskError(f"{path}:{lines.get('template', 1)}: template must be plain (the context as is) or model "
+                        "(the run's prompt template, as in `tunelab generate`)")
+    for k in ("target_delimiter", "description", "regex", "max_new_tokens", "stop", "template"):
         if k in spec:
             setattr(t, k, spec[k])
     return t
