@@ -78,3 +78,18 @@ def test_gradient_checkpointing_reentrant_lora_matches_plain(tmp_path, tiny_conf
         curves.append([h["loss"] for h in state["log_history"] if "loss" in h])
     assert len(curves[0]) == 4
     assert max(abs(a - b) for a, b in zip(*curves)) < 1e-4
+
+
+def test_dtype_warning_only_where_the_cpu_emulates_it(monkeypatch):
+    import torch
+
+    from tunelab import models
+
+    assert isinstance(models.cpu_has_native(torch.bfloat16), bool)
+    assert models.pick_dtype("auto", "cpu") == torch.float32 and models.dtype_warning(torch.float32, "cpu") is None
+    monkeypatch.setattr(models, "cpu_has_native", lambda dtype: False)
+    msg = models.dtype_warning(torch.bfloat16, "cpu")
+    assert "without native bfloat16 support" in msg and msg.endswith("set model.dtype=float32")
+    monkeypatch.setattr(models, "cpu_has_native", lambda dtype: True)
+    assert models.dtype_warning(torch.bfloat16, "cpu") is None
+    assert models.dtype_warning(torch.bfloat16, "cuda") is None
