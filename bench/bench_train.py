@@ -7,6 +7,8 @@ Arms (same model, data, data order, max_seq_length, batch shape, optimizer, lear
   tunelab          tunelab's Trainer: fp32, data.packing (one padding-free row per optimizer step,
                    per-example attention), train.chunked_loss (logits only where labels exist);
                    no gradient checkpointing
+  tunelab-bf16     tunelab with model.dtype=bfloat16 (weights, adapter and compute in bf16): the
+                   choice for a CPU with native bf16 (AVX512_BF16/AMX), against recipe-shipped
   tunelab-gc       the same with gradient checkpointing (reentrant), as recipe-fp32 has it: the
                    equal-memory comparison (packing a whole step into one row without
                    checkpointing keeps every layer's activations for ~3,000 tokens)
@@ -55,7 +57,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "train" / "alpaca_en_demo" / "data.json"
-ARMS = ["tunelab", "tunelab-gc", "recipe-fp32", "recipe-fp32-nogc", "recipe-shipped"]
+ARMS = ["tunelab", "tunelab-bf16", "tunelab-gc", "recipe-fp32", "recipe-fp32-nogc", "recipe-shipped"]
 TAG = "@@BENCH "
 
 
@@ -238,7 +240,7 @@ def build_tunelab(arm, a, steps):
     from tunelab.train import build_model, make_trainer, setup_data, training_arguments
 
     cfg = config_from_dict({
-        "model": {"name": a.model, "dtype": "float32"},
+        "model": {"name": a.model, "dtype": "bfloat16" if arm == "tunelab-bf16" else "float32"},
         "data": {"path": str(a.data), "format": "alpaca", "template": "alpaca", "max_seq_length": a.max_seq_length,
                  "max_rows": a.max_rows, "packing": True, "pack_max_tokens": a.pack_max_tokens},
         "lora": {"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": _lora_modules()},
@@ -262,6 +264,7 @@ def build_tunelab(arm, a, steps):
         if type(cb).__name__ in ("RichProgress", "OverfitWatch") or isinstance(cb, StopOnSignal):
             trainer.remove_callback(cb)
     return trainer, {"arm": arm, "rows": len(s.train), "gradient_checkpointing": cfg.train.gradient_checkpointing,
+                     "bf16": cfg.model.dtype == "bfloat16",
                      **_flop_params(model)}
 
 
