@@ -145,7 +145,7 @@ def worker(arm, a):
     else:
         from tunelab.config import config_from_dict
         from tunelab.data.pipeline import DataStats, TokenizedExample
-        from tunelab.train import Setup, make_trainer, training_arguments
+        from tunelab.train import Setup, make_trainer, prepare_quantized, training_arguments
 
         cfg = config_from_dict({
             "model": {"name": "llama3-8b-random", "dtype": "bfloat16" if use_cuda else "float32"},
@@ -157,12 +157,12 @@ def worker(arm, a):
                       "gradient_checkpointing": True, "gradient_checkpointing_use_reentrant": True,
                       "chunked_loss": True},
         })
-        if use_cuda:
+        if use_cuda and a.peft_prepare:  # the earlier path, kept to measure what it cost
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
                                                     gradient_checkpointing_kwargs={"use_reentrant": True})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-        model.enable_input_require_grads()
+            model.enable_input_require_grads()
+        else:  # what tunelab's build_model does for a 4-bit base
+            prepare_quantized(model, True, True)
         set_seed(42)
         model = get_peft_model(model, lora)
         train = [TokenizedExample(r["input_ids"], r["labels"], len(r["input_ids"]) // 4, len(r["input_ids"])) for r in rows]
@@ -258,6 +258,8 @@ def main(argv=None) -> int:
     p.add_argument("--arms", default="tunelab,recipe")
     p.add_argument("--deadline", type=float, default=200, help="seconds per arm after which it stops after the step")
     p.add_argument("--cpu-dry-run", action="store_true")
+    p.add_argument("--peft-prepare", action="store_true",
+                   help="tunelab arm: prepare the 4-bit base with peft's prepare_model_for_kbit_training (fp32 upcast)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
@@ -275,7 +277,8 @@ def main(argv=None) -> int:
     for arm in [x.strip() for x in a.arms.split(",") if x.strip()]:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", arm, "--out", str(out), "--steps", str(a.steps),
                "--seq", str(a.seq), "--min-len", str(a.min_len), "--batch", str(a.batch), "--accum", str(a.accum),
-               "--deadline", str(a.deadline)] + (["--cpu-dry-run"] if a.cpu_dry_run else [])
+               "--deadline", str(a.deadline)] + (["--cpu-dry-run"] if a.cpu_dry_run else []) \
+            + (["--peft-prepare"] if a.peft_prepare else [])
         with open(out / f"{arm}.log", "w") as log:
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True, cwd=REPO,
                                   env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})

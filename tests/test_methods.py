@@ -93,3 +93,20 @@ def test_dtype_warning_only_where_the_cpu_emulates_it(monkeypatch):
     monkeypatch.setattr(models, "cpu_has_native", lambda dtype: True)
     assert models.dtype_warning(torch.bfloat16, "cpu") is None
     assert models.dtype_warning(torch.bfloat16, "cuda") is None
+
+
+def test_qlora_keeps_unquantized_weights_in_compute_dtype(tiny_config):
+    """peft's prepare_model_for_kbit_training upcasts embeddings, norms and head to fp32 (+2 GiB on an 8B
+    model, slower on a GPU); tunelab keeps them in the compute dtype, frozen, and trains only the adapters."""
+    import torch
+
+    from tunelab.config import load_config
+    from tunelab.train import build_model, setup_data
+
+    cfg, _ = load_config(tiny_config, ["model.dtype=bfloat16", "quantization.load_in_4bit=true",
+                                       "quantization.compute_dtype=bfloat16"])
+    model = build_model(setup_data(cfg))
+    frozen = {n: p.dtype for n, p in model.named_parameters() if not p.requires_grad and p.dtype.is_floating_point}
+    assert frozen and set(frozen.values()) == {torch.bfloat16}, frozen
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)

@@ -71,6 +71,23 @@ def setup_data(cfg: RunConfig, config_dir: Path | None = None) -> Setup:
     return Setup(cfg, folder, device, dtype, tok, note, train, evals, stats, samples)
 
 
+def prepare_quantized(model, gradient_checkpointing: bool, use_reentrant: bool) -> None:
+    """Ready a 4-bit base for LoRA: freeze it, and turn on checkpointing with grad-requiring inputs.
+
+    Written here instead of peft's prepare_model_for_kbit_training because that function also casts every
+    parameter that is not quantized (embeddings, norms, the output head: 1.05B parameters on Llama-3-8B) to
+    fp32. That costs 2 GiB of static memory and makes the whole residual stream fp32; measured on an H200
+    (bench/gpu_qlora.py, BENCHMARKS.md) it made tunelab 0.85x the recipe stack's speed at 1.61x its peak
+    memory. The recipe's stack (TRL) and the QLoRA paper keep them in the compute dtype; so does this.
+    RMSNorm still computes its variance in fp32 inside transformers' Llama-family layers.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+        model.enable_input_require_grads()  # reentrant checkpointing needs a grad-requiring input
+
+
 def build_model(s: Setup):
     """Load the base (4-bit for QLoRA) and wrap it with LoRA, or leave it whole for a full fine-tune."""
     cfg = s.cfg
@@ -82,11 +99,7 @@ def build_model(s: Setup):
     model.config.use_cache = False  # no KV cache while training (and required for gradient checkpointing)
     gc = cfg.train.gradient_checkpointing
     if q.load_in_4bit:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gc,
-            gradient_checkpointing_kwargs={"use_reentrant": cfg.train.gradient_checkpointing_use_reentrant})
+        prepare_quantized(model, gc, cfg.train.gradient_checkpointing_use_reentrant)
     if cfg.lora.enabled:
         from peft import LoraConfig, get_peft_model
 
