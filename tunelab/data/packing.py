@@ -80,13 +80,16 @@ def varlen_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     cu = kwargs.pop("cu_seq_lens_q", None)
-    for k in ("cu_seq_lens_k", "max_length_q", "max_length_k", "position_ids"):
+    max_len = kwargs.pop("max_length_q", None)
+    for k in ("cu_seq_lens_k", "max_length_k", "position_ids"):
         kwargs.pop(k, None)
     if cu is None or attention_mask is not None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
         if attention_mask is not None and attention_mask.dim() == 2:
             attention_mask = _mask_4d(attention_mask, query.shape[2])
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
+    if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and _flash_varlen() is not None:
+        return _flash_varlen_forward(query, key, value, cu, max_len, scaling), None
     b = cu.tolist()
     lens = [e - s for s, e in zip(b[:-1], b[1:])]
     # One split per tensor, not a slice per example: a slice's backward zero-fills and adds a
@@ -95,6 +98,42 @@ def varlen_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=
                                    **kwargs)[0]  # [1, len, heads, head_dim]
             for q, k, v in zip(query.split(lens, 2), key.split(lens, 2), value.split(lens, 2))]
     return torch.cat(outs, dim=1), None
+
+
+def _flash_varlen():
+    """torch's own FlashAttention varlen kernel (torch.nn.attention.varlen, CUDA only), or None.
+
+    On a GPU without the flash-attn package this is the one-kernel path for packed rows; the per-example
+    SDPA loop above stays for CPUs (measured on an H200: see BENCHMARKS.md, GPU section)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def _flash_varlen_forward(query, key, value, cu, max_len, scaling):
+    """[1, H, T, D] packed q/k/v -> [1, T, H, D], causal within each example of `cu`."""
+    import inspect
+
+    fn = _flash_varlen()
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, H, D]
+    params = inspect.signature(fn).parameters
+    kw = {"scale": scaling}
+    if "window_size" in params:
+        kw["window_size"] = (-1, 0)  # causal
+    else:
+        kw["is_causal"] = True
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in params:
+            kw["enable_gqa"] = True
+        else:
+            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    cu = cu.to(device=q.device, dtype=torch.int32)
+    if max_len is None:
+        max_len = int((cu[1:] - cu[:-1]).max())
+    out = fn(q, k, v, cu, cu, int(max_len), int(max_len), **kw)
+    return out.unsqueeze(0)  # [1, T, H, D], as transformers' attention functions return
 
 
 def _mask_4d(mask2d: torch.Tensor, q_len: int) -> torch.Tensor:
