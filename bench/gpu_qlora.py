@@ -149,7 +149,7 @@ def worker(arm, a):
 
         cfg = config_from_dict({
             "model": {"name": "llama3-8b-random", "dtype": "bfloat16" if use_cuda else "float32"},
-            "data": {"path": "synthetic", "max_seq_length": a.seq, "packing": True, "pack_max_tokens": a.batch * a.seq},
+            "data": {"path": "synthetic", "max_seq_length": a.seq, "packing": True, "pack_max_tokens": a.pack_max_tokens or a.batch * a.seq},
             "quantization": {"load_in_4bit": use_cuda, "compute_dtype": "bfloat16"},
             "train": {"per_device_train_batch_size": a.batch, "gradient_accumulation_steps": a.accum,
                       "max_steps": steps, "learning_rate": 1e-4, "warmup_steps": 0, "lr_scheduler_type": "constant",
@@ -258,6 +258,7 @@ def main(argv=None) -> int:
     p.add_argument("--arms", default="tunelab,recipe")
     p.add_argument("--deadline", type=float, default=200, help="seconds per arm after which it stops after the step")
     p.add_argument("--cpu-dry-run", action="store_true")
+    p.add_argument("--pack-max-tokens", type=int, default=0, help="tunelab arm: data.pack_max_tokens (default batch x seq)")
     p.add_argument("--peft-prepare", action="store_true",
                    help="tunelab arm: prepare the 4-bit base with peft's prepare_model_for_kbit_training (fp32 upcast)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -278,7 +279,7 @@ def main(argv=None) -> int:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", arm, "--out", str(out), "--steps", str(a.steps),
                "--seq", str(a.seq), "--min-len", str(a.min_len), "--batch", str(a.batch), "--accum", str(a.accum),
                "--deadline", str(a.deadline)] + (["--cpu-dry-run"] if a.cpu_dry_run else []) \
-            + (["--peft-prepare"] if a.peft_prepare else [])
+            + (["--peft-prepare"] if a.peft_prepare else []) + ["--pack-max-tokens", str(a.pack_max_tokens)]
         with open(out / f"{arm}.log", "w") as log:
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True, cwd=REPO,
                                   env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
@@ -297,7 +298,7 @@ def main(argv=None) -> int:
     result = {"benchmark": "gpu_qlora", "started_utc": started.isoformat(timespec="seconds"),
               "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu (dry run)",
               "torch": torch.__version__, "shapes": "tiny (dry run)" if a.cpu_dry_run else "Meta-Llama-3-8B",
-              "seq": a.seq, "min_len": a.min_len, "batch": a.batch, "accum": a.accum, "arms": results, "tunelab_vs_recipe": verdict}
+              "seq": a.seq, "min_len": a.min_len, "pack_max_tokens": a.pack_max_tokens or a.batch * a.seq, "batch": a.batch, "accum": a.accum, "arms": results, "tunelab_vs_recipe": verdict}
     (out / "gpu_qlora.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(verdict))
     return 0
