@@ -103,7 +103,7 @@ def test_untrainable_is_refused_or_dropped(tmp_path, tok):
     train, _, stats, _ = prepare(DataConfig(path=str(p), max_seq_length=64, drop_untrainable=True), tok)
     assert len(train) == 1 and stats.response_cut_away == 1 and sum(stats.dropped.values()) == 1
     p.write_text(json.dumps(rows[0]) + "\n")
-    with pytest.raises(DataError, match="every response token cut away"):
+    with pytest.raises(DataError, match=r"d.jsonl:1 \(prompt \d+ tokens\): .* so no response token is trained"):
         prepare(DataConfig(path=str(p), max_seq_length=64), tok)
 
 

@@ -210,9 +210,10 @@ def prepare(cfg: DataConfig, tokenizer, base: Path | None = None):
     else:
         evals = []
     if not train:
-        cut = (f"; {stats.response_cut_away} with every response token cut away by data.max_seq_length="
-               f"{cfg.max_seq_length}, e.g. {stats.untrainable[0]}" if stats.untrainable else "")
-        raise DataError(f"{cfg.path}: no trainable rows left ({_drop_summary(stats)}{cut})")
+        if stats.untrainable:
+            raise DataError(f"{stats.untrainable[0]}: the prompt reaches data.max_seq_length={cfg.max_seq_length}, "
+                            f"so no response token is trained, and no other row is left; raise max_seq_length")
+        raise DataError(f"{cfg.path}: no trainable rows left ({_drop_summary(stats)})")
     stats.train_rows, stats.eval_rows = len(train), len(evals)
     stats.rows_kept = len(train) + len(evals)
     return train, evals, stats, pairs[:SAMPLE_ROWS]
