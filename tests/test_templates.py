@@ -218,3 +218,15 @@ def test_chat_data_check_marks_every_trained_span(tmp_path, tiny_model, capsys):
     assert capsys.readouterr().err.count("<|im_end|>⟧◀") == 1
     assert main(["check", str(cfg), "--set", "data.train_on=every"]) == 2
     assert "data.train_on" in capsys.readouterr().err
+
+
+def test_a_chat_template_that_refuses_a_conversation_is_one_line(tok):
+    from copy import deepcopy
+
+    strict = deepcopy(tok)
+    strict.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                            "{% endif %}" + tok.chat_template)
+    with pytest.raises(TemplateError, match="refuses a conversation system/user: System role not supported"):
+        render_prompt("chat_template", Example(instruction="hi"), strict, "Be brief.")
+    assert render_prompt("chat_template", Example(instruction="hi"), strict) == \
+        render_prompt("chat_template", Example(instruction="hi"), tok)

@@ -97,8 +97,7 @@ def render_prompt(template: str, example: Example, tokenizer=None, system_prompt
     if template == "chat_template":
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise TemplateError("template chat_template: the tokenizer has no chat template")
-        return tokenizer.apply_chat_template(conversation(example, system_prompt), tokenize=False,
-                                             add_generation_prompt=True)
+        return _apply(tokenizer, conversation(example, system_prompt), add_generation_prompt=True)
     raise TemplateError(f"unknown template {template!r} (known: {', '.join(TEMPLATES)})")
 
 
@@ -108,7 +107,17 @@ def render_conversation(template: str, example: Example, tokenizer=None, system_
     if template != "chat_template":
         return None
     msgs = conversation(example, system_prompt) + [{"role": "assistant", "content": example.response}]
-    return tokenizer.apply_chat_template(msgs, tokenize=False)
+    return _apply(tokenizer, msgs, add_generation_prompt=False)
+
+
+def _apply(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    from jinja2 import TemplateError as JinjaError  # raise_exception(...) in a chat template, e.g. "roles must alternate"
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except JinjaError as e:
+        roles = "/".join(m.get("role", "?") for m in messages)
+        raise TemplateError(f"the tokenizer's chat template refuses a conversation {roles}: {e}") from None
 
 
 @dataclass
