@@ -31,7 +31,8 @@ def _config(tmp_path, model, data, **data_keys):
     p = tmp_path / "run.yaml"
     keys = keys if "max_seq_length" in data_keys else keys + ", max_seq_length: 128"
     p.write_text(f"model: {{name: {model}}}\ndata: {{path: {data}, test_size: 0.1{keys}}}\n"
-                 "train: {per_device_train_batch_size: 4, gradient_accumulation_steps: 1, warmup_steps: 0, max_steps: 1}\n")
+                 "train: {per_device_train_batch_size: 4, gradient_accumulation_steps: 1, warmup_steps: 0, "
+                 "max_steps: 1}\n")
     return p
 
 
@@ -77,7 +78,8 @@ def test_template_with_a_thinking_block_only_in_the_generation_prompt_fails(tiny
         (model / "chat_template.jinja").write_text(think)
     cfg = _config(tmp_path, model, _chat_data(tmp_path, CONV[:2]), format="chat", template="chat_template")
     code, err = _check(cfg, capsys)
-    assert code == 2 and "renders the generation prompt differently from the same turns in a finished conversation" in err
+    assert code == 2
+    assert "renders the generation prompt differently from the same turns in a finished conversation" in err
 
 
 def test_turns_not_closed_by_eos_fail_multi_turn_parity(tiny_model, tmp_path, capsys):

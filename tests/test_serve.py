@@ -114,7 +114,8 @@ def test_openai_client_raises_on_unknown_model(server):
 @pytest.fixture(scope="module")
 def chat_server(tiny_model):
     loaded = load_for_inference(str(tiny_model), template="chat_template")
-    srv = Server(loaded, "tiny-chat", max_tokens_limit=64, max_prompt_tokens=400, api_key=None, max_batch=8, window=0.02)
+    srv = Server(loaded, "tiny-chat", max_tokens_limit=64, max_prompt_tokens=400, api_key=None, max_batch=8,
+                 window=0.02)
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(srv))
     httpd.daemon_threads = True
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
@@ -156,7 +157,8 @@ def test_chat_adds_the_run_system_prompt_unless_the_request_has_one(chat_server)
 
 
 @pytest.mark.parametrize("messages,text", [
-    ([{"role": "system", "content": "Judge fairly."}, {"role": "user", "content": "hi"}], "no place for a system message"),
+    ([{"role": "system", "content": "Judge fairly."}, {"role": "user", "content": "hi"}],
+     "no place for a system message"),
     ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
      "not a conversation of 3 turns"),
 ])

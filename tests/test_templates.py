@@ -75,7 +75,8 @@ def test_same_row_same_prompt_in_train_generate_eval_compare_serve_export(
     if template == "alpaca":
         assert "### Input:\n12 30\n\n### Response:\n" in text
     else:
-        assert text.startswith(f"⟦<|im_start|>⟧system\n{SYSTEM}⟦<|im_end|>⟧") and "Add the two numbers.\n\n12 30" in text
+        assert text.startswith(f"⟦<|im_start|>⟧system\n{SYSTEM}⟦<|im_end|>⟧")
+        assert "Add the two numbers.\n\n12 30" in text
 
     # generate -f rows.jsonl
     (ex,) = gen.read_prompts([], str(rows_file))[:1]
@@ -101,7 +102,8 @@ def test_same_row_same_prompt_in_train_generate_eval_compare_serve_export(
     assert main(["compare", spec, spec, "--prompts", str(rows_file), "--limit", "1", "--out", str(tmp_path / "cmp"),
                  "--max-new-tokens", "1"]) == 0
     assert sent and all(ids == trained for ids in sent)
-    assert json.loads((tmp_path / "cmp" / "compare.jsonl").read_text().splitlines()[0])["prompt"] == "Add the two numbers.\n\n12 30"
+    first = json.loads((tmp_path / "cmp" / "compare.jsonl").read_text().splitlines()[0])
+    assert first["prompt"] == "Add the two numbers.\n\n12 30"
 
     # export verification renders with the run's template and system prompt, through the same path
     assert export.verify_prompt_ids(tok, loaded.template, loaded.system_prompt, [ex]) == [trained]
@@ -122,7 +124,8 @@ def test_export_verification_sends_the_run_system_prompt(chat_run, tmp_path, mon
 
     seen = []
     inner = export.verify_prompt_ids
-    monkeypatch.setattr(export, "verify_prompt_ids", lambda tok, t, sp, *a: seen.append((t, sp)) or inner(tok, t, sp, *a))
+    monkeypatch.setattr(export, "verify_prompt_ids",
+                        lambda tok, t, sp, *a: seen.append((t, sp)) or inner(tok, t, sp, *a))
     assert main(["export", str(chat_run), "--to", str(tmp_path / "out")]) == 0
     assert seen and all(x == ("chat_template", SYSTEM) for x in seen)
 
@@ -159,10 +162,12 @@ def test_read_prompts_keeps_the_row_whole(tmp_path):
 
 def test_templates_without_turns_refuse_what_they_cannot_show():
     with pytest.raises(TemplateError, match="not a conversation of 3 turns"):
-        render_prompt("alpaca", Example(messages=[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+        render_prompt("alpaca", Example(messages=[{"role": "user", "content": "a"},
+                                                  {"role": "assistant", "content": "b"},
                                                   {"role": "user", "content": "c"}]))
     with pytest.raises(TemplateError, match="no place for a system message"):
-        render_prompt("alpaca", Example(messages=[{"role": "system", "content": "s"}, {"role": "user", "content": "a"}]))
+        render_prompt("alpaca", Example(messages=[{"role": "system", "content": "s"},
+                                                  {"role": "user", "content": "a"}]))
     one = render_prompt("alpaca", Example(messages=[{"role": "user", "content": "a"}]))
     assert one == render_prompt("alpaca", Example(instruction="a"))
 

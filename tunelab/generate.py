@@ -191,7 +191,8 @@ def generate(loaded, prompts: list[str | Example], params: GenParams, *, batch_s
     for i, p in enumerate(prompts):
         hit = cache.get(loaded, build_prompt(loaded, p, template), params) if cache is not None else None
         if hit is not None:
-            results[i] = Completion(as_example(p).display(), hit["text"], hit["tokens"], hit["finish_reason"], cached=True)
+            results[i] = Completion(as_example(p).display(), hit["text"], hit["tokens"], hit["finish_reason"],
+                                    cached=True)
             if on_result:
                 on_result(i, results[i])
         else:

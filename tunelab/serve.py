@@ -228,7 +228,8 @@ class Server:
         try:
             text = render_prompt(L.template, example, L.tokenizer, L.system_prompt)
         except TemplateError as e:
-            raise ApiError(400, f"this server renders prompts with the {L.template} template: {e}", "messages") from None
+            raise ApiError(400, f"this server renders prompts with the {L.template} template: {e}",
+                           "messages") from None
         return encode_prompt(L.tokenizer, text)
 
 

@@ -101,7 +101,8 @@ def render_prompt(template: str, example: Example, tokenizer=None, system_prompt
     raise TemplateError(f"unknown template {template!r} (known: {', '.join(TEMPLATES)})")
 
 
-def render_conversation(template: str, example: Example, tokenizer=None, system_prompt: str | None = None) -> str | None:
+def render_conversation(template: str, example: Example, tokenizer=None,
+                        system_prompt: str | None = None) -> str | None:
     """The whole conversation with its final reply, as the template renders finished history (chat
     templates only; None for the others). The preflight checks that it begins with what training used."""
     if template != "chat_template":
@@ -111,7 +112,8 @@ def render_conversation(template: str, example: Example, tokenizer=None, system_
 
 
 def _apply(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
-    from jinja2 import TemplateError as JinjaError  # raise_exception(...) in a chat template, e.g. "roles must alternate"
+    # raise_exception(...) in a chat template, e.g. "roles must alternate", is jinja2's TemplateError
+    from jinja2 import TemplateError as JinjaError
 
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
