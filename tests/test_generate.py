@@ -66,8 +66,9 @@ def test_cache_makes_rerun_instant_and_exact(tmp_path, loaded):
 def test_read_prompts_formats(tmp_path):
     (tmp_path / "p.txt").write_text("one\n\ntwo\n")
     (tmp_path / "q.jsonl").write_text('{"turns": ["mt bench q"]}\n{"instruction": "do", "instances": [{"input": "x"}]}\n')
-    assert read_prompts([], str(tmp_path / "p.txt")) == ["one", "two"]
-    assert read_prompts(["cli"], str(tmp_path / "q.jsonl")) == ["cli", "mt bench q", "do\n\nx"]
+    assert [p.display() for p in read_prompts([], str(tmp_path / "p.txt"))] == ["one", "two"]
+    got = read_prompts(["cli"], str(tmp_path / "q.jsonl"))  # the input stays its own field (test_templates.py)
+    assert [(p.instruction, p.input) for p in got] == [("cli", ""), ("mt bench q", ""), ("do", "x")]
     (tmp_path / "bad.jsonl").write_text('{"turns": ["a"]}\n{oops\n')
     with pytest.raises(GenerationError, match="bad.jsonl:2: malformed JSON"):
         read_prompts([], str(tmp_path / "bad.jsonl"))

@@ -96,10 +96,15 @@ def test_untrainable_is_refused_or_dropped(tmp_path, tok):
     p = tmp_path / "d.jsonl"
     rows = [{"instruction": "word " * 100, "output": "x"}, {"instruction": "short", "output": "ok"}]
     p.write_text("\n".join(json.dumps(r) for r in rows))
-    with pytest.raises(DataError, match="no response token is trained"):
-        prepare(DataConfig(path=str(p), max_seq_length=64, shuffle=False), tok)
+    # kept out of training either way; refusing the run is the preflight's job (test_preflight.py)
+    train, _, stats, _ = prepare(DataConfig(path=str(p), max_seq_length=64, shuffle=False), tok)
+    assert len(train) == 1 and stats.response_cut_away == 1 and stats.untrainable[0].startswith(f"{p}:1 ")
+    assert not stats.dropped
     train, _, stats, _ = prepare(DataConfig(path=str(p), max_seq_length=64, drop_untrainable=True), tok)
-    assert len(train) == 1 and stats.response_cut_away == 1
+    assert len(train) == 1 and stats.response_cut_away == 1 and sum(stats.dropped.values()) == 1
+    p.write_text(json.dumps(rows[0]) + "\n")
+    with pytest.raises(DataError, match=r"d.jsonl:1 \(prompt \d+ tokens\): .* so no response token is trained"):
+        prepare(DataConfig(path=str(p), max_seq_length=64), tok)
 
 
 def test_chat_format_uses_chat_template(tmp_path, tok):

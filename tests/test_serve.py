@@ -106,3 +106,91 @@ def test_openai_client_raises_on_unknown_model(server):
     _, url, _ = server
     with pytest.raises(openai.NotFoundError):
         _client(url).completions.create(model="nope", prompt="hi", max_tokens=2)
+
+
+# ---- issue 11.13: the chat endpoint renders the whole conversation with the one template ----------
+
+
+@pytest.fixture(scope="module")
+def chat_server(tiny_model):
+    loaded = load_for_inference(str(tiny_model), template="chat_template")
+    srv = Server(loaded, "tiny-chat", max_tokens_limit=64, max_prompt_tokens=400, api_key=None, max_batch=8,
+                 window=0.02)
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(srv))
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield srv, f"http://127.0.0.1:{httpd.server_address[1]}", loaded
+    srv.engine.stopped = True
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_chat_template_server_renders_system_and_every_turn(chat_server):
+    from tunelab.data.templates import encode_prompt
+
+    _, url, loaded = chat_server
+    c = _client(url)
+    user = [{"role": "user", "content": "Add 2 and 2."}]
+    system = [{"role": "system", "content": "You are a careful calculator."}]
+    turns = [{"role": "user", "content": "Add 1 and 1."}, {"role": "assistant", "content": "The answer is 2."}]
+    usage = {}
+    for name, msgs in (("user", user), ("system", system + user), ("turns", system + turns + user)):
+        r = c.chat.completions.create(model="tiny-chat", messages=msgs, max_tokens=2, temperature=0)
+        want = encode_prompt(loaded.tokenizer, loaded.tokenizer.apply_chat_template(
+            msgs, tokenize=False, add_generation_prompt=True))
+        assert r.usage.prompt_tokens == len(want), name
+        usage[name] = r.usage.prompt_tokens
+    assert usage["user"] < usage["system"] < usage["turns"]
+
+
+def test_chat_adds_the_run_system_prompt_unless_the_request_has_one(chat_server):
+    from types import SimpleNamespace
+
+    _, _, loaded = chat_server
+    tok = loaded.tokenizer
+    run = SimpleNamespace(loaded=SimpleNamespace(tokenizer=tok, template="chat_template", system_prompt="Be brief."))
+    user = [{"role": "user", "content": "hi"}]
+    own = [{"role": "system", "content": "Be long."}] + user
+    assert "Be brief." in tok.decode(Server.chat_prompt(run, {"messages": user}))
+    text = tok.decode(Server.chat_prompt(run, {"messages": own}))
+    assert "Be long." in text and "Be brief." not in text
+
+
+@pytest.mark.parametrize("messages,text", [
+    ([{"role": "system", "content": "Judge fairly."}, {"role": "user", "content": "hi"}],
+     "no place for a system message"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
+     "not a conversation of 3 turns"),
+])
+def test_alpaca_server_refuses_what_its_template_cannot_show(server, messages, text):
+    _, url, _ = server
+    code, obj = _post(url, "/v1/chat/completions", json.dumps({"messages": messages, "max_tokens": 2}).encode())
+    assert code == 400 and text in obj["error"]["message"] and "alpaca template" in obj["error"]["message"]
+
+
+def test_a_bare_model_with_a_chat_template_is_served_with_it(tiny_model, tmp_path):
+    from types import SimpleNamespace
+
+    from tunelab.serve import serve_template
+
+    chat, none = SimpleNamespace(chat_template="{{x}}"), SimpleNamespace(chat_template=None)
+    assert serve_template(str(tiny_model), None, chat) == "chat_template"
+    assert serve_template(str(tiny_model), None, none) is None  # loading's default (alpaca) stays
+    assert serve_template(str(tiny_model), "alpaca", chat) == "alpaca"
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    (run / "config.yaml").write_text("data: {template: alpaca}\n")
+    (run / "final" / "adapter_config.json").write_text("{}")
+    assert serve_template(str(run), None, chat) is None  # a run keeps the template it trained with
+
+
+def test_decoding_does_not_read_the_deprecated_past_key_values(server, monkeypatch):
+    from transformers.utils.generic import ModelOutput
+
+    def deprecated(self):
+        raise AssertionError("past_key_values read")
+
+    monkeypatch.setattr(ModelOutput, "past_key_values", property(deprecated))
+    _, url, _ = server
+    code, obj = _post(url, "/v1/completions", json.dumps({"prompt": "Add 1 and 2.", "max_tokens": 3}).encode())
+    assert code == 200 and obj["usage"]["completion_tokens"] >= 1

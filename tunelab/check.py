@@ -8,7 +8,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .config import load_config
-from .data.preflight import check_examples, render_trained_span
+from .data.preflight import check_examples, render_spans
 from .models import context_window, dtype_warning
 from .train import setup_data
 from .ui import console
@@ -36,19 +36,27 @@ def check(args) -> int:
     t.add_row("lengths", ", ".join(f"{k} {v}" for k, v in pct.items()) + " tokens")
     t.add_row("truncated", f"{st.truncated} longer than max_seq_length; {st.response_cut_away} with the response "
                            f"cut away entirely")
+    if cfg.data.template == "chat_template":
+        t.add_row("trained", f"data.train_on {cfg.data.train_on}: "
+                             + ("every assistant turn" if cfg.data.train_on == "all_assistant" else
+                                "the last assistant turn; earlier turns are context"))
     t.add_row("tokens", f"{st.total_tokens:,} in training rows, {st.trained_tokens:,} trained "
                         f"({100 * st.trained_tokens / max(1, st.total_tokens):.1f}%)")
     console.print(t)
 
     for ex in s.train[: max(0, args.examples)]:
-        prompt, trained = render_trained_span(tok, ex)
         text = Text()
-        text.append(prompt, style="dim")
-        text.append("▶", style="bold green")
-        text.append(trained, style="bold green")
-        text.append("◀", style="bold green")
-        console.print(f"[bold]example[/bold] ({len(ex.input_ids)} tokens, {ex.n_trained} trained, "
-                      f"marked ▶...◀; masked prompt dim; special tokens as ⟦...⟧):")
+        for piece, trained in render_spans(tok, ex):
+            if trained:
+                text.append("▶", style="bold green")
+                text.append(piece, style="bold green")
+                text.append("◀", style="bold green")
+            else:
+                text.append(piece, style="dim")
+        spans = len(ex.turn_starts)
+        console.print(f"[bold]example[/bold] {ex.where} ({len(ex.input_ids)} tokens, {ex.n_trained} trained"
+                      f"{f' in {spans} turns' if spans > 1 else ''}, each trained span marked ▶...◀; masked text dim; "
+                      f"special tokens as ⟦...⟧):")
         console.print(text, soft_wrap=True)
 
     dw = dtype_warning(s.dtype, s.device)

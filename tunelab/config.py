@@ -56,6 +56,9 @@ class DataConfig:
     """Map of tunelab field -> column in your data, e.g. {instruction: Q, output: A}."""
     system_prompt: str | None = None
     """System message for the chat_template template (alpaca/plain ignore it)."""
+    train_on: str = "all_assistant"
+    """Multi-turn chat: train every assistant turn (all_assistant, TRL's assistant_only_loss) or only
+    the last one (last_assistant; earlier turns are context)."""
     shuffle: bool = True
     seed: int = 42
     only_empty_input: bool = False
@@ -170,6 +173,7 @@ CHOICES = {
     "model.attn_implementation": ["sdpa", "eager", "flash_attention_2"],
     "data.format": ["alpaca", "chat", "prompt_completion"],
     "data.template": ["alpaca", "chat_template", "plain"],
+    "data.train_on": ["all_assistant", "last_assistant"],
     "lora.bias": ["none", "all", "lora_only"],
     "quantization.quant_type": ["nf4", "fp4"],
     "quantization.compute_dtype": ["auto", "float32", "bfloat16", "float16"],

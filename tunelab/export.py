@@ -4,7 +4,8 @@ Merges the LoRA adapter into its base and saves safetensors + tokenizer + genera
 QLoRA run is merged into its base de-quantised from the same 4-bit weights it was trained on,
 in 16 bit (merging into the original full-precision weights instead is the "quality drops after
 merge" complaint). After saving, the export is reloaded and its greedy generations must equal the
-adapter model's on a few prompts, or the export is removed and the command fails.
+adapter model's on a few prompts (rendered with the run's template and system prompt, as
+`tunelab generate` renders them), or the export is removed and the command fails.
 
 `--gguf` also writes a GGUF file with the gguf package's GGUFWriter (that package ships no HF
 converter): Llama-architecture tensors named by gguf's own TensorNameMap, q/k rows permuted as
@@ -91,13 +92,22 @@ def _load_merged(run_path: Path, dtype_name: str):
     return ref, merged, tok, note, template, cfg
 
 
-@torch.inference_mode()
-def greedy(model, tok, template: str, n_tokens: int) -> list[list[int]]:
-    from .data.templates import Example, encode_prompt, render_prompt
+def verify_prompt_ids(tok, template: str, system_prompt: str | None, prompts=VERIFY_PROMPTS) -> list[list[int]]:
+    """The ids the verification prompts are sent as: the run's template and system prompt, through
+    the same path as `tunelab generate` (generate.prompt_ids)."""
+    from types import SimpleNamespace
 
+    from .generate import prompt_ids
+
+    run = SimpleNamespace(tokenizer=tok, template=template, system_prompt=system_prompt)
+    return [prompt_ids(run, p) for p in prompts]
+
+
+@torch.inference_mode()
+def greedy(model, tok, template: str, n_tokens: int, system_prompt: str | None = None) -> list[list[int]]:
     outs = []
-    for p in VERIFY_PROMPTS:
-        ids = torch.tensor([encode_prompt(tok, render_prompt(template, Example(instruction=p), tok))])
+    for x in verify_prompt_ids(tok, template, system_prompt):
+        ids = torch.tensor([x])
         out = model.generate(ids, max_new_tokens=n_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
                              eos_token_id=tok.eos_token_id, temperature=None, top_p=None, top_k=None)
         outs.append(out[0, ids.shape[1]:].tolist())
@@ -117,8 +127,9 @@ def cmd_export(args) -> int:
         tok.save_pretrained(tmp)
         merged.generation_config.save_pretrained(tmp)
         reloaded = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=merged.dtype).eval()
-        want = greedy(ref, tok, template, args.verify_tokens)
-        got = greedy(reloaded, tok, template, args.verify_tokens)
+        system_prompt = (cfg.get("data") or {}).get("system_prompt")
+        want = greedy(ref, tok, template, args.verify_tokens, system_prompt)
+        got = greedy(reloaded, tok, template, args.verify_tokens, system_prompt)
         same = sum(a == b for a, b in zip(want, got))
         if same != len(want):
             raise ExportError(f"verification failed: the exported model's greedy output differs from the adapter "
@@ -127,7 +138,7 @@ def cmd_export(args) -> int:
         if args.gguf:
             gguf_path = tmp / f"model-{args.gguf}.gguf"
             write_gguf(merged, tok, gguf_path, args.gguf)
-            agree = check_gguf(reloaded, tok, gguf_path, template)
+            agree = check_gguf(reloaded, tok, gguf_path, template, system_prompt)
             console.print(f"GGUF {gguf_path.name}: loads back in transformers; next-token argmax agrees with the "
                           f"safetensors export on {100 * agree:.1f}% of positions")
             if agree < (0.95 if args.gguf == "f16" else 0.85):
@@ -224,11 +235,11 @@ def write_gguf(model, tok, path: Path, kind: str) -> None:
 
 
 @torch.inference_mode()
-def check_gguf(reference, tok, path: Path, template: str) -> float:
+def check_gguf(reference, tok, path: Path, template: str, system_prompt: str | None = None) -> float:
     """Load the GGUF back with transformers and compare next-token argmax with the reference model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .data.templates import Example, encode_prompt, render_prompt
+    from .data.templates import Example, render_prompt
 
     try:
         g = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
@@ -237,9 +248,8 @@ def check_gguf(reference, tok, path: Path, template: str) -> float:
         raise ExportError(f"the GGUF written to {path.name} does not load back in transformers "
                           f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
     agree = total = 0
-    for p in VERIFY_PROMPTS:
-        text = render_prompt(template, Example(instruction=p), tok)
-        ids = encode_prompt(tok, text)
+    for p, ids in zip(VERIFY_PROMPTS, verify_prompt_ids(tok, template, system_prompt)):
+        text = render_prompt(template, Example(instruction=p), tok, system_prompt)
         if gtok(text, add_special_tokens=False)["input_ids"] != tok(text, add_special_tokens=False)["input_ids"]:
             raise ExportError("the GGUF's tokenizer splits text differently from the original tokenizer")
         x = torch.tensor([ids])

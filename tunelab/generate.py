@@ -1,8 +1,11 @@
 """Batched generation with the run's own prompt template: `tunelab generate`.
 
-Prompts are rendered by `templates.render_prompt` (the function training used), left-padded into
-batches of similar length, and decoded greedily or by sampling. Stop strings end a completion
-both inside `model.generate` (transformers' stop_strings) and in the returned text.
+Prompts are whole examples (instruction, input or chat turns) rendered by `templates.render_prompt`
+with the run's template and system prompt (the function training used; `prompt_ids` is the one
+path from an example to the ids the model is sent, which `tunelab check` compares with training's),
+left-padded into batches of similar length, and decoded greedily or by sampling. Stop strings end
+a completion inside `model.generate` (a StoppingCriteria of our own, `_StopStrings`: transformers'
+stop_strings also matches across the prompt boundary) and are cut from the returned text.
 Results are cached on disk (see cache.py) so reruns are instant.
 """
 
@@ -17,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError
-from .data.templates import Example, encode_prompt, render_prompt
+from .data.templates import Example, TemplateError, encode_prompt, example_from_row, render_prompt
 
 
 class GenerationError(ConfigError):
@@ -66,10 +69,22 @@ class Completion:
     cached: bool = False
 
 
-def build_prompt(loaded, user_prompt: str, template: str | None = None) -> str:
-    """The model's prompt for a user prompt: the run's template, or `template` (plain = the text as is)."""
-    return render_prompt(template or loaded.template, Example(instruction=user_prompt), loaded.tokenizer,
-                         loaded.system_prompt)
+def as_example(prompt: str | Example) -> Example:
+    return prompt if isinstance(prompt, Example) else Example(instruction=prompt)
+
+
+def build_prompt(loaded, prompt: str | Example, template: str | None = None) -> str:
+    """The model's prompt text for a user prompt or a whole example: the run's template and system
+    prompt, or `template` (plain = the text as is)."""
+    try:
+        return render_prompt(template or loaded.template, as_example(prompt), loaded.tokenizer, loaded.system_prompt)
+    except TemplateError as e:
+        raise GenerationError(str(e)) from None
+
+
+def prompt_ids(loaded, prompt: str | Example, template: str | None = None) -> list[int]:
+    """The token ids the model is sent for a prompt (`loaded` needs .tokenizer, .template, .system_prompt)."""
+    return encode_prompt(loaded.tokenizer, build_prompt(loaded, prompt, template))
 
 
 class _StopStrings:
@@ -124,12 +139,12 @@ def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
 
 
 @torch.inference_mode()
-def generate_batch(loaded, prompts: list[str], params: GenParams, template: str | None = None,
+def generate_batch(loaded, prompts: list[str | Example], params: GenParams, template: str | None = None,
                    stream=None) -> list[Completion]:
-    """One left-padded batch through model.generate. `prompts` are raw user prompts.
+    """One left-padded batch through model.generate. `prompts` are raw user prompts or examples.
     `stream(text)` receives a single prompt's completion piece by piece as it is generated."""
     tok, model = loaded.tokenizer, loaded.model
-    ids = [encode_prompt(tok, build_prompt(loaded, p, template)) for p in prompts]
+    ids = [prompt_ids(loaded, p, template) for p in prompts]
     width = max(len(x) for x in ids)
     input_ids = torch.full((len(ids), width), tok.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(ids), width), dtype=torch.long)
@@ -160,11 +175,11 @@ def generate_batch(loaded, prompts: list[str], params: GenParams, template: str 
         while new and new[-1] == tok.pad_token_id:
             new.pop()
         text, stopped = _cut_at_stop(tok.decode(new, skip_special_tokens=True), params.stop)
-        results.append(Completion(p, text, len(new), "stop" if (ended or stopped) else "length"))
+        results.append(Completion(as_example(p).display(), text, len(new), "stop" if (ended or stopped) else "length"))
     return results
 
 
-def generate(loaded, prompts: list[str], params: GenParams, *, batch_size: int = 16, cache=None,
+def generate(loaded, prompts: list[str | Example], params: GenParams, *, batch_size: int = 16, cache=None,
              on_result=None, progress: bool = False, template: str | None = None, stream=None) -> list[Completion]:
     """Generate for many prompts: cached ones come from disk, the rest in batches of similar length.
 
@@ -176,13 +191,14 @@ def generate(loaded, prompts: list[str], params: GenParams, *, batch_size: int =
     for i, p in enumerate(prompts):
         hit = cache.get(loaded, build_prompt(loaded, p, template), params) if cache is not None else None
         if hit is not None:
-            results[i] = Completion(p, hit["text"], hit["tokens"], hit["finish_reason"], cached=True)
+            results[i] = Completion(as_example(p).display(), hit["text"], hit["tokens"], hit["finish_reason"],
+                                    cached=True)
             if on_result:
                 on_result(i, results[i])
         else:
             todo.append(i)
     # Sort by prompt length so each batch pads little; results go back to their original order.
-    todo.sort(key=lambda i: len(loaded.tokenizer(build_prompt(loaded, prompts[i], template))["input_ids"]))
+    todo.sort(key=lambda i: len(prompt_ids(loaded, prompts[i], template)))
     bar = _progress(len(todo)) if progress and todo else None
     try:
         for start in range(0, len(todo), batch_size):
@@ -214,8 +230,9 @@ def _progress(total: int):
     return p, p.add_task("gen", total=total)
 
 
-def read_prompts(prompts: list[str], file: str | None) -> list[str]:
-    """Prompts from --prompt flags, a .txt (one per line) / .jsonl ({"prompt"|"instruction"|"turns"}) file, or stdin."""
+def read_prompts(prompts: list[str], file: str | None) -> list[Example]:
+    """Examples from --prompt flags, a .txt (one prompt per line) / .jsonl file (rows as
+    `templates.example_from_row` reads them: instruction with its input, messages, prompt, turns), or stdin."""
     out = list(prompts or [])
     if file:
         path = Path(file)
@@ -237,32 +254,17 @@ def read_prompts(prompts: list[str], file: str | None) -> list[str]:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise GenerationError(f"{file}:{n}: malformed JSON ({e.msg})") from None
-                text = prompt_of(row)
-                if text is None:
-                    raise GenerationError(f"{file}:{n}: no 'prompt', 'instruction' or 'turns' field")
-                out.append(text)
+                ex = example_from_row(row) if isinstance(row, dict) else None
+                if ex is None:
+                    raise GenerationError(f"{file}:{n}: no 'prompt', 'instruction', 'messages' or 'turns' field")
+                out.append(ex)
             else:
                 out.append(line)
     elif not out and not sys.stdin.isatty():
         out = [line for line in sys.stdin.read().splitlines() if line.strip()]
     if not out:
         raise GenerationError("no prompts: give --prompt TEXT, --file FILE (txt or jsonl) or pipe them on stdin")
-    return out
-
-
-def prompt_of(row: dict) -> str | None:
-    """The prompt text of a JSONL row in tunelab's, MT-Bench/Vicuna's or KULLM's shape."""
-    if isinstance(row.get("prompt"), str):
-        return row["prompt"]
-    if isinstance(row.get("instruction"), str):
-        inst = row["instruction"]
-        inp = row.get("input") or ""
-        if not inp and isinstance(row.get("instances"), list) and row["instances"]:
-            inp = row["instances"][0].get("input") or ""
-        return inst + (f"\n\n{inp}" if inp else "")
-    if isinstance(row.get("turns"), list) and row["turns"]:
-        return row["turns"][0]
-    return None
+    return [as_example(p) for p in out]
 
 
 def add_parser(sub) -> None:
@@ -284,6 +286,8 @@ def add_parser(sub) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the generation cache")
+    p.add_argument("--show-prompt", action="store_true",
+                   help="print each rendered prompt (special tokens shown as ⟦...⟧) before its completion")
 
 
 def params_from_args(args) -> GenParams:
@@ -306,21 +310,31 @@ def cmd_generate(args) -> int:
     loaded = load_for_inference(args.model, adapter=args.adapter, template=args.template)
     cache = None if args.no_cache else Cache()
     t0 = time.perf_counter()
-    stream = sys.stdout.isatty() or not args.out
+    stream = sys.stdout.isatty() or not args.out or args.show_prompt
 
     tty = sys.stdout.isatty()
     streamed = []
 
+    def sent(i: int) -> str:  # --show-prompt: exactly the ids the model was sent, special tokens as ⟦...⟧
+        from .data.preflight import show_tokens
+
+        return show_tokens(loaded.tokenizer, prompt_ids(loaded, prompts[i]))
+
     def show(i, c: Completion):
         if streamed:  # its tokens are on the screen already
             print(flush=True)
+        elif stream and not tty:
+            row = {"index": i, "prompt": c.prompt, **({"rendered_prompt": sent(i)} if args.show_prompt else {}),
+                   "completion": c.text}
+            print(json.dumps(row, ensure_ascii=False), flush=True)
         elif stream:
-            print(json.dumps({"index": i, "prompt": c.prompt, "completion": c.text}, ensure_ascii=False)
-                  if not tty else f"\n[{i}] {c.prompt}\n→ {c.text}", flush=True)
+            shown = f"\n[{i}] prompt sent:\n{sent(i)}" if args.show_prompt else f"\n[{i}] {c.prompt}"
+            print(f"{shown}\n→ {c.text}", flush=True)
 
     def stream_tokens(piece: str):  # a single prompt on a terminal: token by token
         if not streamed:
-            print(f"\n[0] {prompts[0]}\n→ ", end="", flush=True)
+            shown = f"prompt sent:\n{sent(0)}" if args.show_prompt else prompts[0].display()
+            print(f"\n[0] {shown}\n→ ", end="", flush=True)
         streamed.append(piece)
         print(piece, end="", flush=True)
 

@@ -5,9 +5,14 @@ with `stream: true` as server-sent events). Concurrent requests are batched: a s
 thread owns the model, collects the requests that arrive within a short window, prefills them as
 one left-padded batch and decodes them step by step together (each row with its own sampling
 settings, stop strings and max_tokens), streaming tokens to each client as they come.
-/v1/completions takes the prompt as is; /v1/chat/completions renders the messages with the
-tokenizer's chat template when the run trained with it, otherwise the run's template (e.g.
-Alpaca) with the last user message as the instruction.
+/v1/completions takes the prompt as is; /v1/chat/completions renders the whole conversation
+(system message and every earlier turn) with `templates.render_prompt`, the function training
+and `tunelab generate` use: a chat_template run (and a bare model whose tokenizer has a chat
+template, unless --template says otherwise) gets the tokenizer's template, with the run's
+data.system_prompt first when the request has no system message. The alpaca and plain templates
+have no turns and no system part: they take exactly one user message as the instruction, and a
+request with a system message or several turns gets a 400 that says so (joining turns into one
+instruction would send a prompt the model never trained on).
 
 With vLLM installed and a CUDA GPU, `tunelab serve` hands over to vLLM's own OpenAI server
 (the adapter served as a LoRA module); everywhere else it is this transformers path. The HTTP
@@ -28,7 +33,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
-from .data.templates import Example, encode_prompt, render_prompt
+from .data.templates import Example, TemplateError, encode_prompt, render_prompt
 from .ui import console
 
 
@@ -110,7 +115,7 @@ class Engine:
         ids, mask = ids.to(dev), mask.to(dev)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-        past, logits = out.past_key_values, out.logits[:, -1].float()
+        past, logits = out.cache, out.logits[:, -1].float()  # `cache`: past_key_values is deprecated in 5.x
         gens = [torch.Generator().manual_seed(j.seed if j.seed is not None else int(time.time_ns() % 2**31))
                 for j in batch]
         generated: list[list[int]] = [[] for _ in batch]
@@ -160,7 +165,7 @@ class Engine:
             last_pos = last_pos + 1
             out = model(input_ids=nxt[:, None].to(dev), attention_mask=mask, position_ids=last_pos,
                         cache=past, use_cache=True, logits_to_keep=1)
-            past, logits = out.past_key_values, out.logits[:, -1].float()
+            past, logits = out.cache, out.logits[:, -1].float()  # `cache`: past_key_values is deprecated in 5.x
 
 
 class Server:
@@ -218,16 +223,31 @@ class Server:
         if not isinstance(msgs, list) or not msgs or not all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs):
             raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects", "messages")
-        tok, L = self.loaded.tokenizer, self.loaded
-        if L.template == "chat_template":
-            text = tok.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in msgs],
-                                           tokenize=False, add_generation_prompt=True)
-        else:
-            users = [m["content"] for m in msgs if m["role"] == "user"]
-            if not users:
-                raise ApiError(400, "no user message", "messages")
-            text = render_prompt(L.template, Example(instruction=users[-1]), tok, L.system_prompt)
-        return encode_prompt(tok, text)
+        L = self.loaded
+        example = Example(messages=[{"role": m["role"], "content": m["content"]} for m in msgs])
+        try:
+            text = render_prompt(L.template, example, L.tokenizer, L.system_prompt)
+        except TemplateError as e:
+            raise ApiError(400, f"this server renders prompts with the {L.template} template: {e}",
+                           "messages") from None
+        return encode_prompt(L.tokenizer, text)
+
+
+def serve_template(spec: str, requested: str | None, tokenizer) -> str | None:
+    """The template to serve with: --template, else the run's own (None: keep what loading chose),
+    else for a bare model the tokenizer's chat template when it has one (an instruct model's chat
+    endpoint must speak its chat format, as vLLM's does)."""
+    from pathlib import Path
+
+    from .models import find_run
+
+    if requested:
+        return requested
+    path = Path(spec).expanduser()
+    run = find_run(path)[0] if path.is_dir() else None
+    if run is None and getattr(tokenizer, "chat_template", None):
+        return "chat_template"
+    return None
 
 
 def make_handler(server: Server):
@@ -362,6 +382,8 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-window-ms", type=float, default=20.0, help="how long to gather requests into a batch")
     p.add_argument("--api-key-env", help="require this environment variable's value as the Bearer key")
     p.add_argument("--backend", choices=["auto", "transformers", "vllm"], default="auto")
+    p.add_argument("--template", choices=["alpaca", "chat_template", "plain"],
+                   help="chat prompt template (default: the run's; a bare model's chat template if it has one)")
 
 
 def _vllm_exec(args, loaded_spec: str) -> None:
@@ -406,7 +428,10 @@ def cmd_serve(args) -> int:
             _vllm_exec(args, args.model)
         elif args.backend == "vllm":
             raise ConfigError("--backend vllm needs the vllm package and a CUDA GPU")
-    loaded = load_for_inference(args.model)
+    loaded = load_for_inference(args.model, template=args.template)
+    loaded.template = serve_template(args.model, args.template, loaded.tokenizer) or loaded.template
+    if loaded.template == "chat_template" and not getattr(loaded.tokenizer, "chat_template", None):
+        raise ConfigError(f"--template chat_template: the tokenizer of {args.model} has no chat template")
     name = args.name or Path(args.model.rstrip("/")).name or args.model
     srv = Server(loaded, name, args.max_tokens_limit, args.max_prompt_tokens, key, args.max_batch,
                  args.batch_window_ms / 1000)

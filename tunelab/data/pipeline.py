@@ -4,7 +4,9 @@ Loss masking works on the token boundary of the rendered prompt: the prompt and 
 tokenized separately and concatenated, so the prompt tokens are exactly the ones generation will
 feed the model, and every response token plus the appended EOS is trained. Nothing searches for
 the template's token ids (RECIPE.md defect: "### Response:\\n" can tokenize differently in context,
-and the collator then silently masks the whole example).
+and the collator then silently masks the whole example). A multi-turn chat trains every assistant
+turn (data.train_on: all_assistant, as TRL's assistant_only_loss) or only the last (last_assistant);
+templates.training_turns says how the text between turns is found.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from pathlib import Path
 from ..config import DataConfig
 from .formats import FORMAT_FIELDS, RowError, to_example
 from .sources import DataError, read_rows
-from .templates import Example, encode_prompt, render_prompt
+from .templates import Example, TemplateError, encode_prompt, training_turns
 
 IGNORE_INDEX = -100
+SAMPLE_ROWS = 100
 
 
 @dataclass
@@ -32,6 +35,8 @@ class DataStats:
     eval_rows: int = 0
     truncated: int = 0
     response_cut_away: int = 0
+    untrainable: list[str] = field(default_factory=list)
+    """file:line of (the first few) rows whose every response token was cut away by truncation."""
     length_percentiles: dict[str, int] = field(default_factory=dict)
     trained_tokens: int = 0
     total_tokens: int = 0
@@ -55,6 +60,8 @@ class TokenizedExample:
     """Length before truncation."""
     where: str = ""
     """file:line of the source row, for error messages."""
+    turn_starts: list[int] = field(default_factory=list)
+    """Index of the first trained token of each trained turn (the prompt before it is what inference sends)."""
 
     @property
     def truncated(self) -> bool:
@@ -66,13 +73,22 @@ class TokenizedExample:
 
 
 def tokenize_example(tokenizer, template: str, ex: Example, max_seq_length: int,
-                     system_prompt: str | None = None) -> TokenizedExample:
-    """prompt ids (masked) + response ids + EOS (trained), truncated at max_seq_length."""
-    prompt_ids = encode_prompt(tokenizer, render_prompt(template, ex, tokenizer, system_prompt))
-    response_ids = tokenizer(ex.response, add_special_tokens=False)["input_ids"]
-    ids = prompt_ids + response_ids + [tokenizer.eos_token_id]
-    labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids + [tokenizer.eos_token_id]
-    return TokenizedExample(ids[:max_seq_length], labels[:max_seq_length], len(prompt_ids), len(ids))
+                     system_prompt: str | None = None, train_on: str = "all_assistant") -> TokenizedExample:
+    """Per trained turn: the text before it (masked) + its reply ids + EOS (trained); truncated at max_seq_length."""
+    ids: list[int] = []
+    labels: list[int] = []
+    starts: list[int] = []
+    for k, turn in enumerate(training_turns(template, ex, tokenizer, system_prompt, train_on)):
+        before = (encode_prompt(tokenizer, turn.before) if k == 0
+                  else tokenizer(turn.before, add_special_tokens=False)["input_ids"])
+        reply = tokenizer(turn.reply, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids += before
+        labels += [IGNORE_INDEX] * len(before)
+        starts.append(len(ids))
+        ids += reply
+        labels += reply
+    return TokenizedExample(ids[:max_seq_length], labels[:max_seq_length], starts[0], len(ids),
+                            turn_starts=starts)
 
 
 def _percentiles(lengths: list[int]) -> dict[str, int]:
@@ -114,7 +130,7 @@ def load_examples(cfg: DataConfig, path: str, stats: DataStats, base: Path | Non
 
 def prepare(cfg: DataConfig, tokenizer, base: Path | None = None):
     """Returns (train, eval, stats, samples): TokenizedExample lists, DataStats, and the first
-    20 converted rows as (where, Example) for the preflight's template checks."""
+    SAMPLE_ROWS converted rows as (where, Example) for the preflight's train/inference parity check."""
     import datasets
 
     stats = DataStats()
@@ -148,10 +164,9 @@ def prepare(cfg: DataConfig, tokenizer, base: Path | None = None):
 
     def tokenize_all(t, count_stats: bool):
         def encode(batch):
-            cols = {"input_ids": [], "labels": [], "prompt_len": [], "full_len": []}
-            for raw in batch["ex"]:
-                tex = tokenize_example(tokenizer, cfg.template, Example(**json.loads(raw)),
-                                       cfg.max_seq_length, cfg.system_prompt)
+            cols = {"input_ids": [], "labels": [], "prompt_len": [], "full_len": [], "turn_starts": []}
+            for raw, where in zip(batch["ex"], batch["where"]):
+                tex = _tokenize(tokenizer, cfg, Example(**json.loads(raw)), where)
                 for k in cols:
                     cols[k].append(getattr(tex, k))
             return cols
@@ -160,17 +175,19 @@ def prepare(cfg: DataConfig, tokenizer, base: Path | None = None):
                   remove_columns=["ex", "has_input"], new_fingerprint=f"tok-{len(t)}-{id(t)}")
         out, lengths = [], []
         for row in t:
-            tex = TokenizedExample(row["input_ids"], row["labels"], row["prompt_len"], row["full_len"], row["where"])
+            tex = TokenizedExample(row["input_ids"], row["labels"], row["prompt_len"], row["full_len"], row["where"],
+                                   row["turn_starts"])
             if count_stats:
                 lengths.append(tex.full_len)
                 stats.truncated += tex.truncated
             if tex.n_trained == 0:
+                # Left out of training either way; without data.drop_untrainable the preflight refuses
+                # the run (preflight.check_examples), so `check` reports it with everything else.
                 stats.response_cut_away += 1
-                if not cfg.drop_untrainable:
-                    raise DataError(f"{row['where']}: the prompt alone is {tex.prompt_len} tokens, at or past "
-                                    f"data.max_seq_length={cfg.max_seq_length}, so no response token is trained; "
-                                    f"raise max_seq_length or set data.drop_untrainable=true")
-                stats.drop("response cut away by truncation", row["where"])
+                if cfg.drop_untrainable:
+                    stats.drop("response cut away by truncation", row["where"])
+                elif len(stats.untrainable) < 3:
+                    stats.untrainable.append(f"{row['where']} (prompt {tex.prompt_len} tokens)")
                 continue
             if count_stats:
                 stats.trained_tokens += tex.n_trained
@@ -187,16 +204,29 @@ def prepare(cfg: DataConfig, tokenizer, base: Path | None = None):
         eval_pairs = load_examples(cfg, cfg.eval_path, DataStats(), base)
         evals = []
         for where, ex in eval_pairs:
-            tex = tokenize_example(tokenizer, cfg.template, ex, cfg.max_seq_length, cfg.system_prompt)
+            tex = _tokenize(tokenizer, cfg, ex, where)
             if tex.n_trained:
                 evals.append(tex)
     else:
         evals = []
     if not train:
+        if stats.untrainable:
+            raise DataError(f"{stats.untrainable[0]}: the prompt reaches data.max_seq_length={cfg.max_seq_length}, "
+                            f"so no response token is trained, and no other row is left; raise max_seq_length")
         raise DataError(f"{cfg.path}: no trainable rows left ({_drop_summary(stats)})")
     stats.train_rows, stats.eval_rows = len(train), len(evals)
     stats.rows_kept = len(train) + len(evals)
-    return train, evals, stats, pairs[:20]
+    return train, evals, stats, pairs[:SAMPLE_ROWS]
+
+
+def _tokenize(tokenizer, cfg: DataConfig, ex: Example, where: str) -> TokenizedExample:
+    try:
+        tex = tokenize_example(tokenizer, cfg.template, ex, cfg.max_seq_length, cfg.system_prompt,
+                               cfg.train_on)
+    except TemplateError as e:
+        raise DataError(f"{where}: {e}") from None
+    tex.where = where
+    return tex
 
 
 def _drop_summary(stats: DataStats) -> str:

@@ -71,8 +71,8 @@ def cmd_compare(args) -> int:
         console.print(f"[bold]{side.upper()}[/bold] = {spec} (template {loaded.template})")
         answers[side] = generate(loaded, prompts, params, batch_size=args.batch_size, cache=Cache(), progress=True)
         del loaded
-    rows = [{"index": i, "prompt": p, "a": answers["a"][i].text, "b": answers["b"][i].text}
-            for i, p in enumerate(prompts)]
+    rows = [{"index": i, "prompt": p.display(), "a": answers["a"][i].text, "b": answers["b"][i].text}
+            for i, p in enumerate(prompts)]  # p: the whole example; each model rendered it with its own template
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "meta.json", json.dumps({"a": args.a, "b": args.b, "params": params.key()}, indent=2))
     atomic_write_text(out / "compare.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

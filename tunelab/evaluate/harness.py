@@ -9,18 +9,20 @@ from __future__ import annotations
 import json
 import re
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from ..cache import Cache, model_fingerprint
+from ..data.templates import Example
 from ..fsutil import atomic_write_text
 from ..generate import GenParams, generate
 from ..ui import console
 from . import scoring
 from .stats import bootstrap_ci, bootstrap_ratio_ci, paired_diff_ci
-from .tasks import TaskError, load_task
+from .tasks import Item, TaskError, load_task
 
 PRIMARY = {"multiple_choice": "acc", "generate": "exact_match", "perplexity": "loss"}
 
@@ -61,8 +63,16 @@ def _ppl_task(path: str):
         pairs = load_examples(DataConfig(path=path), path, DataStats())
     except ValueError as e:
         raise TaskError(str(e)) from None
-    items = [Item(ex.instruction + (f"\n\n{ex.input}" if ex.input else ""), response=ex.response) for _, ex in pairs]
+    # the whole example (instruction, input, turns) goes to the run's template, as in training
+    items = [ExampleItem(ex.display(), response=ex.response, example=ex) for _, ex in pairs]
     return Task(f"ppl:{Path(path).name}", "perplexity", items)
+
+
+@dataclass
+class ExampleItem(Item):
+    """A perplexity item scored after its whole example (instruction, input, turns) in the run's template."""
+
+    example: Example | None = None
 
 
 def resolve_tasks(spec: str) -> list:
@@ -98,11 +108,12 @@ def score_task(loaded, task, items, cache: Cache | None, batch_size: int, progre
     else:
         nll, ntok = [], []
         for it in items:
-            key = Cache.key("nll", fp, it.context, it.response)
+            ex = getattr(it, "example", None)
+            key = Cache.key("nll", fp, json.dumps(asdict(ex), ensure_ascii=False) if ex else it.context, it.response)
             got = cache.get_raw(key) if cache else None
             if got is None:
                 # an empty prompt means plain text (no template), else the response after the templated prompt
-                got = list(scoring.response_nll(loaded, it.context, it.response) if it.context
+                got = list(scoring.response_nll(loaded, ex or it.context, it.response) if (ex or it.context)
                            else scoring.text_nll(loaded, it.response))
                 if cache:
                     cache.put_raw(key, "nll", got)

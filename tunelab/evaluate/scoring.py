@@ -13,7 +13,7 @@ import re
 
 import torch
 
-from ..data.templates import Example, encode_prompt, render_prompt
+from ..data.templates import Example
 
 
 def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -102,10 +102,13 @@ def exact_match(output: str, target: str, regex: str) -> float:
 
 
 @torch.inference_mode()
-def response_nll(loaded, prompt: str, response: str) -> tuple[float, int]:
-    """Summed negative log-likelihood of response + EOS after the templated prompt, and its token count."""
+def response_nll(loaded, prompt: str | Example, response: str) -> tuple[float, int]:
+    """Summed negative log-likelihood of response + EOS after the templated prompt (a user prompt or
+    a whole example, sent as `generate` sends it), and its token count."""
+    from ..generate import prompt_ids
+
     tok = loaded.tokenizer
-    p = encode_prompt(tok, render_prompt(loaded.template, Example(instruction=prompt), tok, loaded.system_prompt))
+    p = prompt_ids(loaded, prompt)
     r = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     ll = _full_loglik(loaded.model, p, r, loaded.device)
     return -ll, len(r)
