@@ -52,7 +52,10 @@ def check(args) -> int:
         console.print(text, soft_wrap=True)
 
     dw = dtype_warning(s.dtype, s.device)
-    for w in warnings + report.warnings + ([dw] if dw else []):
+    from .datatools.decontaminate import overlap_warning
+
+    ow = overlap_warning(cfg, Path(args.config).resolve().parent)  # training data vs eval.tasks
+    for w in warnings + report.warnings + ([dw] if dw else []) + ([ow] if ow else []):
         console.print(f"[yellow]warning:[/yellow] {w}")
     for e in report.errors:
         console.print(f"[red]error:[/red] {e}")

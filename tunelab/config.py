@@ -146,6 +146,9 @@ class EvalSection:
     overfit_warning: bool = True
     """Warn when eval loss rises while train loss falls."""
     eval_on_start: bool = False
+    tasks: list[str] = field(default_factory=list)
+    """Benchmark tasks the run will be judged on (as `tunelab eval --tasks`: arc_easy, mmlu, gsm8k, a .yaml);
+    `tunelab check` warns when the training data holds their items (13-gram overlap)."""
 
 
 @dataclass
