@@ -80,6 +80,16 @@ class DataConfig:
     """With packing: most tokens per forward pass; a longer step is split at example boundaries
     into several passes (gradient accumulation). Bounds activation memory: on a quiet 2-core CPU, 512
     trained SmolLM2 at 98% of 4096's speed with 29% of its memory (BENCHMARKS.md)."""
+    min_response_chars: int | None = None
+    """Drop rows whose response is shorter than this many characters (as `tunelab data filter`)."""
+    max_response_chars: int | None = None
+    """Drop rows whose response is longer than this many characters."""
+    scripts: list[str] = field(default_factory=list)
+    """Keep only rows whose main script is one of these: Latin, Hangul, Han, Kana, Cyrillic, ... (empty = all)."""
+    drop_response_repeats_instruction: bool = False
+    """Drop rows whose response is, or starts by echoing, the instruction."""
+    refusal_phrases: str | None = None
+    """A text file of refusal phrases (one a line, # comments); rows whose response holds one are dropped."""
 
 
 @dataclass
@@ -316,6 +326,18 @@ def validate(cfg: RunConfig, where_of=lambda k: k) -> list[str]:
     positive("train", "loss_chunk_size", t.loss_chunk_size)
     if d.max_rows is not None:
         positive("data", "max_rows", d.max_rows)
+    for name in ("min_response_chars", "max_response_chars"):  # row filters (tunelab/datatools/filters.py)
+        if getattr(d, name) is not None:
+            positive("data", name, getattr(d, name), allow_zero=True)
+    if d.min_response_chars is not None and d.max_response_chars is not None and d.min_response_chars > d.max_response_chars:
+        _fail(where_of("data.min_response_chars"), f"data.min_response_chars ({d.min_response_chars}) is above "
+              f"data.max_response_chars ({d.max_response_chars})")
+    if d.scripts:
+        from .datatools.common import SCRIPT_NAMES
+
+        for sc in d.scripts:
+            if sc.lower() not in {n.lower() for n in SCRIPT_NAMES}:
+                _fail(where_of("data.scripts"), f"data.scripts: unknown script '{sc}' (known: {', '.join(SCRIPT_NAMES)})")
     if lo.enabled:
         positive("lora", "r", lo.r)
         positive("lora", "alpha", lo.alpha)

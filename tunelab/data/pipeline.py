@@ -119,6 +119,9 @@ def prepare(cfg: DataConfig, tokenizer, base: Path | None = None):
 
     stats = DataStats()
     pairs = load_examples(cfg, cfg.path, stats, base)
+    from ..datatools.filters import apply_config_filters  # data.min_response_chars, scripts, ... (tunelab data filter)
+
+    pairs = apply_config_filters(cfg, pairs, stats, base)
     # `datasets` does the shuffle and split so the order matches the recipe's
     # load_dataset(...).shuffle(seed).filter(...).train_test_split(test_size, seed) exactly.
     table = datasets.Dataset.from_dict({

@@ -28,4 +28,4 @@ def add_parser(sub) -> None:
 
 def cmd_data(args) -> int:
     mod = _module(args.data_command)
-    return getattr(mod, f"cmd_{MODULES[args.data_command]}")(args)
+    return getattr(mod, f"cmd_{args.data_command}")(args)
