@@ -32,6 +32,10 @@ def check(args) -> int:
                       f"dropped {sum(st.dropped.values())}")
     for reason, n in st.dropped.items():
         t.add_row("  dropped", f"{n}: {reason} (e.g. {', '.join(st.dropped_examples[reason])})")
+    if st.mix:  # data.sources
+        from .datatools.mix import describe
+
+        t.add_row("mix", describe(st))
     pct = st.length_percentiles
     t.add_row("lengths", ", ".join(f"{k} {v}" for k, v in pct.items()) + " tokens")
     t.add_row("truncated", f"{st.truncated} longer than max_seq_length; {st.response_cut_away} with the response "

@@ -90,6 +90,9 @@ class DataConfig:
     """Drop rows whose response is, or starts by echoing, the instruction."""
     refusal_phrases: str | None = None
     """A text file of refusal phrases (one a line, # comments); rows whose response holds one are dropped."""
+    sources: list[Any] = field(default_factory=list)
+    """Several files mixed instead of `path`: a list of {path, weight or rows, format?, fields?, split?},
+    interleaved by weight (datasets.interleave_datasets) or taken by row count, reproducibly by `seed`."""
 
 
 @dataclass
@@ -224,6 +227,8 @@ def _compose_with_lines(text: str, source: str) -> tuple[Any, dict[str, int]]:
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
+    if tp is Any:  # structured values checked by their own validator (data.sources)
+        return value
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
@@ -358,8 +363,18 @@ def validate(cfg: RunConfig, where_of=lambda k: k) -> list[str]:
         _fail(where_of("data.test_size"), f"data.test_size must be in [0, 1), got {d.test_size}")
     if d.test_size > 0 and d.eval_path:
         _fail(where_of("data.eval_path"), "set either data.test_size or data.eval_path, not both")
-    if not d.path:
+    if not d.path and not d.sources:
         _fail(where_of("data.path"), "data.path is required (a data file, a saved datasets folder or a hub id)")
+    if d.sources:  # several files mixed (tunelab/datatools/mix.py)
+        from .datatools.mix import validate_sources
+
+        if d.path:
+            _fail(where_of("data.sources"), "set either data.path or data.sources, not both")
+        problem = validate_sources(d.sources)
+        if problem:
+            _fail(where_of("data.sources"), problem)
+        if any(s.get("format") == "chat" for s in d.sources) and d.template != "chat_template":
+            _fail(where_of("data.template"), "a chat source in data.sources needs data.template=chat_template")
     for k in d.fields:
         if k not in DATA_FIELDS:
             _fail(where_of(f"data.fields.{k}"), f"unknown data field '{k}'{_did_you_mean(k, DATA_FIELDS)}")

@@ -248,10 +248,13 @@ def overlap_warning(cfg, base: Path | None) -> str | None:
         return None
     from .common import load_dataset
 
+    from .mix import source_config
+
     items, _ = load_bench_items(tasks)
-    ds = load_dataset(cfg.data.path, cfg.data.format, cfg.data.fields, cfg.data.split, base)
-    found = find_contamination([example_text(r.example) if r.example else None for r in ds.rows],
-                               NgramIndex(items))
+    rows = []
+    for d in [source_config(cfg.data, s) for s in cfg.data.sources] or [cfg.data]:
+        rows += load_dataset(d.path, d.format, d.fields, d.split, base).rows
+    found = find_contamination([example_text(r.example) if r.example else None for r in rows], NgramIndex(items))
     if not found:
         return None
     i, ms = next(iter(found.items()))
@@ -261,6 +264,6 @@ def overlap_warning(cfg, base: Path | None) -> str | None:
             per[t] = per.get(t, 0) + 1
     it = items[ms[0].item]
     return (f"training data overlaps eval.tasks: {len(found)} rows share a 13-gram with benchmark items "
-            f"({', '.join(f'{k} {v}' for k, v in sorted(per.items()))}), e.g. {ds.rows[i].where} ~ {it.task} item "
-            f"{it.index}; scores on those tasks may be inflated. See: tunelab data decontaminate {cfg.data.path} "
-            f"--against {','.join(tasks)}")
+            f"({', '.join(f'{k} {v}' for k, v in sorted(per.items()))}), e.g. {rows[i].where} ~ {it.task} item "
+            f"{it.index}; scores on those tasks may be inflated. See: tunelab data decontaminate "
+            f"{cfg.data.path or 'FILE'} --against {','.join(tasks)}")
