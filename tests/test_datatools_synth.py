@@ -59,7 +59,7 @@ def test_synth_against_tunelab_serve_drops_invalid_json_and_resumes_from_cache(t
     assert r.returncode == 0, r.stderr
     prov = json.loads((tmp_path / "synth.jsonl.provenance.json").read_text())
     # the random tiny model never writes a JSON object: each answer is counted and dropped, no crash
-    assert prov["requests"] == 4 and prov["answers_from_network"] >= 4 and prov["rows_out"] == 0
+    assert prov["requests"] == 4 and prov["answers_from_teacher"] >= 4 and prov["rows_out"] == 0
     assert sum(prov["dropped"].values()) == 4 and set(prov["dropped"]) <= {"invalid JSON", "invalid JSON (no object in the answer)"}
     assert "only 0 of 5 rows" in " ".join(r.stderr.split())
     again = run_cli(*args, "--max-requests", "6")
@@ -67,7 +67,7 @@ def test_synth_against_tunelab_serve_drops_invalid_json_and_resumes_from_cache(t
     r = run_cli(*args, "--max-requests", "6", "--overwrite")  # resume: the first 4 answers are not asked again
     prov = json.loads((tmp_path / "synth.jsonl.provenance.json").read_text())
     assert r.returncode == 0 and prov["requests"] == 6 and prov["answers_from_cache"] >= 4
-    assert prov["answers_from_network"] == 6 - prov["answers_from_cache"]
+    assert prov["answers_from_teacher"] == 6 - prov["answers_from_cache"]
 
 
 class Stub(BaseHTTPRequestHandler):
@@ -186,3 +186,14 @@ def test_synth_with_the_embedded_model_served_locally_writes_valid_rows(tmp_path
         srv.engine.stopped = True
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_local_teacher(tmp_path, seeds, tiny_model):
+    """`--teacher local:MODEL`: tunelab's own loading, no server; the tiny model's answers are dropped, counted."""
+    out = tmp_path / "synth.jsonl"
+    r = run_cli("synth", seeds, "--out", out, "--teacher", f"local:{tiny_model}", "-n", "2", "--max-requests", "3",
+                "--max-tokens", "8", "--api", "chat")
+    assert r.returncode == 0, r.stderr
+    prov = json.loads((tmp_path / "synth.jsonl.provenance.json").read_text())
+    assert prov["requests"] == 3 and prov["answers_from_teacher"] == 3 and sum(prov["dropped"].values()) == 3
+    assert prov["settings"]["teacher"] == f"local:{tiny_model}"

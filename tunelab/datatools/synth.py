@@ -371,7 +371,7 @@ def cmd_synth(args) -> int:
             pool.shutdown(wait=True, cancel_futures=True)
             cache.close()
     prov.rows_in = processed
-    prov.extra.update({"requests": processed, "answers_from_network": counts["network"],
+    prov.extra.update({"requests": processed, "answers_from_teacher": counts["network"],
                        "answers_from_cache": counts["cached"], "complete": failure is None,
                        "rows_per_minute": round(60 * len(kept) / max(time.time() - t0, 1e-9), 2)})
     if kept:
