@@ -32,6 +32,10 @@ def check(args) -> int:
                       f"dropped {sum(st.dropped.values())}")
     for reason, n in st.dropped.items():
         t.add_row("  dropped", f"{n}: {reason} (e.g. {', '.join(st.dropped_examples[reason])})")
+    if st.mix:  # data.sources
+        from .datatools.mix import describe
+
+        t.add_row("mix", describe(st))
     pct = st.length_percentiles
     t.add_row("lengths", ", ".join(f"{k} {v}" for k, v in pct.items()) + " tokens")
     t.add_row("truncated", f"{st.truncated} longer than max_seq_length; {st.response_cut_away} with the response "
@@ -60,7 +64,10 @@ def check(args) -> int:
         console.print(text, soft_wrap=True)
 
     dw = dtype_warning(s.dtype, s.device)
-    for w in warnings + report.warnings + ([dw] if dw else []):
+    from .datatools.decontaminate import overlap_warning
+
+    ow = overlap_warning(cfg, Path(args.config).resolve().parent)  # training data vs eval.tasks
+    for w in warnings + report.warnings + ([dw] if dw else []) + ([ow] if ow else []):
         console.print(f"[yellow]warning:[/yellow] {w}")
     for e in report.errors:
         console.print(f"[red]error:[/red] {e}")

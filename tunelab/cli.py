@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_parser(sub)
     export.add_parser(sub)
     serve.add_parser(sub)
+    from .datatools import cli as datatools_cli
+
+    datatools_cli.add_parser(sub)
 
     p = sub.add_parser("config", help="print the resolved config (defaults + file + --set) as YAML")
     p.add_argument("config", nargs="?", help="run YAML file (omit for the defaults)")
@@ -171,11 +174,12 @@ def main(argv: list[str] | None = None) -> int:
     from .generate import cmd_generate
     from .serve import cmd_serve
     from .sweep import cmd_sweep
+    from .datatools.cli import cmd_data
 
     handlers = {"train": cmd_train, "check": cmd_check, "config": cmd_config, "generate": cmd_generate,
                 "eval": cmd_eval, "compare": cmd_compare, "blind": cmd_blind, "judge": cmd_judge,
                 "report": cmd_report, "sweep": cmd_sweep,
-                "export": cmd_export, "serve": cmd_serve}
+                "export": cmd_export, "serve": cmd_serve, "data": cmd_data}
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError, ModelError, PreflightError, TrainingError, DiskFullError) as e:

@@ -83,6 +83,19 @@ class DataConfig:
     """With packing: most tokens per forward pass; a longer step is split at example boundaries
     into several passes (gradient accumulation). Bounds activation memory: on a quiet 2-core CPU, 512
     trained SmolLM2 at 98% of 4096's speed with 29% of its memory (BENCHMARKS.md)."""
+    min_response_chars: int | None = None
+    """Drop rows whose response is shorter than this many characters (as `tunelab data filter`)."""
+    max_response_chars: int | None = None
+    """Drop rows whose response is longer than this many characters."""
+    scripts: list[str] = field(default_factory=list)
+    """Keep only rows whose main script is one of these: Latin, Hangul, Han, Kana, Cyrillic, ... (empty = all)."""
+    drop_response_repeats_instruction: bool = False
+    """Drop rows whose response is, or starts by echoing, the instruction."""
+    refusal_phrases: str | None = None
+    """A text file of refusal phrases (one a line, # comments); rows whose response holds one are dropped."""
+    sources: list[Any] = field(default_factory=list)
+    """Several files mixed instead of `path`: a list of {path, weight or rows, format?, fields?, split?},
+    interleaved by weight (datasets.interleave_datasets) or taken by row count, reproducibly by `seed`."""
 
 
 @dataclass
@@ -149,6 +162,9 @@ class EvalSection:
     overfit_warning: bool = True
     """Warn when eval loss rises while train loss falls."""
     eval_on_start: bool = False
+    tasks: list[str] = field(default_factory=list)
+    """Benchmark tasks the run will be judged on (as `tunelab eval --tasks`: arc_easy, mmlu, gsm8k, a .yaml);
+    `tunelab check` warns when the training data holds their items (13-gram overlap)."""
 
 
 @dataclass
@@ -215,6 +231,8 @@ def _compose_with_lines(text: str, source: str) -> tuple[Any, dict[str, int]]:
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
+    if tp is Any:  # structured values checked by their own validator (data.sources)
+        return value
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
@@ -317,6 +335,18 @@ def validate(cfg: RunConfig, where_of=lambda k: k) -> list[str]:
     positive("train", "loss_chunk_size", t.loss_chunk_size)
     if d.max_rows is not None:
         positive("data", "max_rows", d.max_rows)
+    for name in ("min_response_chars", "max_response_chars"):  # row filters (tunelab/datatools/filters.py)
+        if getattr(d, name) is not None:
+            positive("data", name, getattr(d, name), allow_zero=True)
+    if d.min_response_chars is not None and d.max_response_chars is not None and d.min_response_chars > d.max_response_chars:
+        _fail(where_of("data.min_response_chars"), f"data.min_response_chars ({d.min_response_chars}) is above "
+              f"data.max_response_chars ({d.max_response_chars})")
+    if d.scripts:
+        from .datatools.common import SCRIPT_NAMES
+
+        for sc in d.scripts:
+            if sc.lower() not in {n.lower() for n in SCRIPT_NAMES}:
+                _fail(where_of("data.scripts"), f"data.scripts: unknown script '{sc}' (known: {', '.join(SCRIPT_NAMES)})")
     if lo.enabled:
         positive("lora", "r", lo.r)
         positive("lora", "alpha", lo.alpha)
@@ -337,8 +367,18 @@ def validate(cfg: RunConfig, where_of=lambda k: k) -> list[str]:
         _fail(where_of("data.test_size"), f"data.test_size must be in [0, 1), got {d.test_size}")
     if d.test_size > 0 and d.eval_path:
         _fail(where_of("data.eval_path"), "set either data.test_size or data.eval_path, not both")
-    if not d.path:
+    if not d.path and not d.sources:
         _fail(where_of("data.path"), "data.path is required (a data file, a saved datasets folder or a hub id)")
+    if d.sources:  # several files mixed (tunelab/datatools/mix.py)
+        from .datatools.mix import validate_sources
+
+        if d.path:
+            _fail(where_of("data.sources"), "set either data.path or data.sources, not both")
+        problem = validate_sources(d.sources)
+        if problem:
+            _fail(where_of("data.sources"), problem)
+        if any(s.get("format") == "chat" for s in d.sources) and d.template != "chat_template":
+            _fail(where_of("data.template"), "a chat source in data.sources needs data.template=chat_template")
     for k in d.fields:
         if k not in DATA_FIELDS:
             _fail(where_of(f"data.fields.{k}"), f"unknown data field '{k}'{_did_you_mean(k, DATA_FIELDS)}")

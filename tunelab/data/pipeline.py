@@ -40,6 +40,8 @@ class DataStats:
     length_percentiles: dict[str, int] = field(default_factory=dict)
     trained_tokens: int = 0
     total_tokens: int = 0
+    mix: dict[str, int] = field(default_factory=dict)
+    """data.sources: rows drawn from each source."""
 
     def drop(self, reason: str, where: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
@@ -134,7 +136,15 @@ def prepare(cfg: DataConfig, tokenizer, base: Path | None = None):
     import datasets
 
     stats = DataStats()
-    pairs = load_examples(cfg, cfg.path, stats, base)
+    if cfg.sources:  # several files mixed by weight or row count (tunelab/datatools/mix.py)
+        from ..datatools.mix import mix_sources
+
+        pairs = mix_sources(cfg, stats, base)
+    else:
+        pairs = load_examples(cfg, cfg.path, stats, base)
+    from ..datatools.filters import apply_config_filters  # data.min_response_chars, scripts, ... (tunelab data filter)
+
+    pairs = apply_config_filters(cfg, pairs, stats, base)
     # `datasets` does the shuffle and split so the order matches the recipe's
     # load_dataset(...).shuffle(seed).filter(...).train_test_split(test_size, seed) exactly.
     table = datasets.Dataset.from_dict({
