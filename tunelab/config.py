@@ -68,6 +68,9 @@ class DataConfig:
     """A separate evaluation file instead of `test_size`."""
     max_seq_length: int = 2048
     """Longer examples are truncated at this many tokens."""
+    skip_bad_rows: bool = False
+    """Drop rows with a field missing, null or of the wrong type (counted in `tunelab check`'s stats)
+    instead of stopping at the first one with its file:line."""
     drop_untrainable: bool = False
     """Drop examples whose response is cut away entirely by truncation (default: refuse to train)."""
     num_proc: int = 1

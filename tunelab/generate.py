@@ -220,29 +220,25 @@ def read_prompts(prompts: list[str], file: str | None) -> list[str]:
     if file:
         path = Path(file)
         if file == "-":
-            lines = sys.stdin.read().splitlines()
+            text = sys.stdin.read()
             path = Path("<stdin>")
         else:
             try:
-                lines = path.read_text(encoding="utf-8").splitlines()
+                text = path.read_text(encoding="utf-8")
             except FileNotFoundError:
                 raise GenerationError(f"prompt file not found: {file}") from None
             except UnicodeDecodeError:
                 raise GenerationError(f"{file}: not UTF-8 text") from None
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            if path.suffix == ".jsonl":
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise GenerationError(f"{file}:{n}: malformed JSON ({e.msg})") from None
-                text = prompt_of(row)
-                if text is None:
+        if path.suffix == ".jsonl":
+            from .data.sources import parse_jsonl
+
+            for n, row in parse_jsonl(text, file, GenerationError):
+                prompt = prompt_of(row) if isinstance(row, dict) else None
+                if prompt is None:
                     raise GenerationError(f"{file}:{n}: no 'prompt', 'instruction' or 'turns' field")
-                out.append(text)
-            else:
-                out.append(line)
+                out.append(prompt)
+        else:
+            out += [line for line in text.splitlines() if line.strip()]
     elif not out and not sys.stdin.isatty():
         out = [line for line in sys.stdin.read().splitlines() if line.strip()]
     if not out:

@@ -17,16 +17,25 @@ class RowError(ValueError):
     """A row that can't be used; the message is the reason (used in drop counts and errors)."""
 
 
+class BadRowError(RowError):
+    """A row whose shape is wrong (a field missing, null or of the wrong type): an error naming file:line,
+    or with data.skip_bad_rows a dropped row counted in the stats. Plain RowErrors (empty text) are drops."""
+
+
 def _text(row: dict, column: str, required: bool, label: str) -> str:
-    if column not in row or row[column] is None:
+    if column not in row:
         if required:
-            raise RowError(f"missing field '{column}'" + (f" (mapped from {label})" if column != label else ""))
+            raise BadRowError(f"missing field '{column}'" + (f" (mapped from {label})" if column != label else ""))
+        return ""
+    if row[column] is None:
+        if required:
+            raise BadRowError(f"field '{column}' is null")
         return ""
     value = row[column]
     if not isinstance(value, str):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
-        raise RowError(f"field '{column}' should be text, got {type(value).__name__}")
+        raise BadRowError(f"field '{column}' should be text, got {type(value).__name__}")
     return value
 
 
@@ -42,12 +51,12 @@ def to_example(row: dict[str, Any], fmt: str, fields: dict[str, str]) -> Example
     elif fmt == "chat":
         msgs = row.get(col["messages"])
         if not isinstance(msgs, list) or not msgs:
-            raise RowError(f"field '{col['messages']}' must be a non-empty list of {{role, content}}")
+            raise BadRowError(f"field '{col['messages']}' must be a non-empty list of {{role, content}}")
         for m in msgs:
             if not isinstance(m, dict) or "role" not in m or not isinstance(m.get("content"), str):
-                raise RowError(f"each message needs 'role' and text 'content', got {str(m)[:60]}")
+                raise BadRowError(f"each message needs 'role' and text 'content', got {str(m)[:60]}")
         if msgs[-1]["role"] != "assistant":
-            raise RowError("the last message must be the assistant's (the trained answer)")
+            raise BadRowError("the last message must be the assistant's (the trained answer)")
         # Only the final assistant turn is trained; earlier turns are context.
         ex = Example(messages=[{"role": m["role"], "content": m["content"]} for m in msgs[:-1]],
                      response=msgs[-1]["content"])

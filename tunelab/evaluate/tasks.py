@@ -88,14 +88,9 @@ def _need(path: Path) -> Path:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    for n, line in enumerate(_need(path).read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise TaskError(f"{path}:{n}: malformed JSON ({e.msg})") from None
-    return rows
+    from ..data.sources import read_jsonl
+
+    return read_jsonl(_need(path), TaskError)
 
 
 def _read_tsv(path: Path) -> list[dict]:
