@@ -69,3 +69,20 @@ def test_defaults_are_valid_apart_from_data():
     assert RunConfig().model.name == "smollm2-135m"
     with pytest.raises(ConfigError, match="data.path is required"):
         load_config(None)
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("train:\n  max_steps: 5\n  warmup_steps: 2\ndata:\n  path: d.jsonl\ntrain:\n  learning_rate: 1.0e-4\n",
+     "run.yaml:6: duplicate section 'train' (first at line 1)"),
+    ("data:\n  path: d.jsonl\ntrain:\n  max_steps: 5\n  max_steps: 7\n",
+     "run.yaml:5: duplicate key 'train.max_steps' (first at line 4)"),
+    ("data:\n  path: d.jsonl\n  fields:\n    output: a\n    output: b\n",
+     "run.yaml:5: duplicate key 'data.fields.output' (first at line 4)"),
+])
+def test_duplicate_keys_are_an_error_with_both_lines(tmp_path, text, expected):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg)
+    assert str(e.value).startswith(str(cfg.parent / expected)) or expected in str(e.value), str(e.value)
+    assert "\n" not in str(e.value)

@@ -201,9 +201,16 @@ def _compose_with_lines(text: str, source: str) -> tuple[Any, dict[str, int]]:
 
     def walk(n, prefix):
         if isinstance(n, yaml.MappingNode):
+            seen: dict[str, int] = {}
             for k, v in n.value:
                 key = f"{prefix}.{k.value}" if prefix else str(k.value)
-                lines[key] = k.start_mark.line + 1
+                line = k.start_mark.line + 1
+                if key in seen:  # PyYAML would keep the last silently; a second `train:` drops the first's keys
+                    what = "section" if not prefix else "key"
+                    _fail(f"{source}:{line}", f"duplicate {what} '{key}' (first at line {seen[key]}); "
+                          f"merge the two into one")
+                seen[key] = line
+                lines[key] = line
                 walk(v, key)
 
     if node is not None:
