@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -384,6 +385,35 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+PATH_KEYS = ("model.name", "data.path", "data.eval_path")
+"""Keys that may hold a local path; in a config file they resolve as `resolve_config_path` says."""
+
+
+def resolve_config_path(value: str, config_dir: Path) -> str:
+    """Where a relative path written in a config file points: the config file's folder first (so a
+    config works from any current folder), then the current folder (configs written for the folder
+    they are run from keep working). What exists in neither is kept as written: a hub id, or a
+    missing file that the reader names. Absolute and ~ paths are used as they are. A path given
+    with --set is relative to the current folder, like any path typed on the command line."""
+    if not value:
+        return value
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return value
+    near = config_dir / path
+    if near.exists():
+        return str(Path(os.path.normpath(near)))
+    return value
+
+
+def _resolve_paths(cfg: RunConfig, config_dir: Path, lines: dict[str, int]) -> None:
+    for dotted in PATH_KEYS:
+        sec, key = dotted.split(".")
+        value = getattr(getattr(cfg, sec), key)
+        if dotted in lines and isinstance(value, str):
+            setattr(getattr(cfg, sec), key, resolve_config_path(value, config_dir))
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> tuple[RunConfig, list[str]]:
     """Read a run YAML (or only defaults when path is None), apply --set flags, validate."""
     cfg = RunConfig()
@@ -409,6 +439,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             return f"{source}:{lines['.'.join(parts)]}" if parts else source
 
         _apply(cfg, data, where_file)
+        _resolve_paths(cfg, p.resolve().parent, lines)
     else:
         def where_file(dotted: str) -> str:
             return ""
