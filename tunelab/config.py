@@ -50,7 +50,8 @@ class DataConfig:
     """A .jsonl/.json/.csv/.parquet file, a datasets folder saved with save_to_disk, or a hub id."""
     split: str = "train"
     format: str = "alpaca"
-    """alpaca (instruction/input/output), chat (messages with role/content), prompt_completion."""
+    """alpaca (instruction/input/output), chat (messages with role/content), sharegpt (conversations with
+    from/value; human/gpt/system roles), prompt_completion."""
     template: str = "alpaca"
     """Prompt template: alpaca (RECIPE.md text), chat_template (the tokenizer's), or plain (prompt as is)."""
     fields: dict[str, str] = field(default_factory=dict)
@@ -172,7 +173,7 @@ CHOICES = {
     "model.dtype": ["auto", "float32", "bfloat16", "float16"],
     "model.device": ["auto", "cpu", "cuda"],
     "model.attn_implementation": ["sdpa", "eager", "flash_attention_2"],
-    "data.format": ["alpaca", "chat", "prompt_completion"],
+    "data.format": ["alpaca", "chat", "sharegpt", "prompt_completion"],
     "data.template": ["alpaca", "chat_template", "plain"],
     "lora.bias": ["none", "all", "lora_only"],
     "quantization.quant_type": ["nf4", "fp4"],
@@ -182,7 +183,7 @@ CHOICES = {
     "train.optim": ["adamw_torch", "adamw_torch_fused", "adamw_8bit", "adamw_bnb_8bit",
                     "paged_adamw_8bit", "paged_adamw_32bit", "adafactor", "sgd"],
 }
-DATA_FIELDS = ["instruction", "input", "output", "messages", "prompt", "completion"]
+DATA_FIELDS = ["instruction", "input", "output", "messages", "conversations", "prompt", "completion"]
 
 
 def _fail(where: str, msg: str) -> typing.NoReturn:
@@ -349,8 +350,8 @@ def validate(cfg: RunConfig, where_of=lambda k: k) -> list[str]:
     for k in d.fields:
         if k not in DATA_FIELDS:
             _fail(where_of(f"data.fields.{k}"), f"unknown data field '{k}'{_did_you_mean(k, DATA_FIELDS)}")
-    if d.format == "chat" and d.template != "chat_template":
-        _fail(where_of("data.template"), "data.format=chat needs data.template=chat_template")
+    if d.format in ("chat", "sharegpt") and d.template != "chat_template":
+        _fail(where_of("data.template"), f"data.format={d.format} needs data.template=chat_template")
     if q.load_in_4bit and not lo.enabled:
         _fail(where_of("quantization.load_in_4bit"),
               "a 4-bit base can't be fully fine-tuned: set lora.enabled=true (QLoRA) or load_in_4bit=false")
