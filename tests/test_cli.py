@@ -1,0 +1,63 @@
+"""The command line: one registry of commands, and a light `tunelab --help` (no torch, no transformers)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from tunelab import cli
+
+HEAVY = ("torch", "transformers", "datasets", "peft")
+
+
+def _imports_after(code: str) -> set[str]:
+    r = subprocess.run([sys.executable, "-c", code + "\nimport sys\nprint(' '.join(sorted(sys.modules)))"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return set(r.stdout.split())
+
+
+def test_import_cli_is_light():
+    mods = _imports_after("import tunelab.cli")
+    assert not [m for m in HEAVY if m in mods]
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["trian", "x.yaml"], ["train"], ["config", "--help"]])
+def test_help_version_and_typos_stay_light(argv):
+    code = f"from tunelab.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass"
+    mods = _imports_after(code)
+    assert not [m for m in HEAVY if m in mods], argv
+
+
+def test_mistyped_command_suggests_the_near_one():
+    r = subprocess.run([sys.executable, "-m", "tunelab", "trian", "x.yaml"], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "tunelab: error: invalid choice: 'trian' (did you mean 'train'?) (see tunelab --help)"]
+
+
+def test_version():
+    r = subprocess.run([sys.executable, "-m", "tunelab", "--version"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.startswith("tunelab ")
+
+
+def test_one_registry_every_command_builds_and_runs_resolve():
+    parser = cli.build_parser()  # every command in full
+    sub = next(a for a in parser._actions if a.dest == "command")  # argparse keeps subparsers only here
+    assert list(sub.choices) == [c.name for c in cli.COMMANDS]
+    for c in cli.COMMANDS:
+        assert callable(cli._load(c.run)), c
+        assert sub.choices[c.name].description == c.help
+        # the light parser for one command gives the same arguments as the full one
+        light = next(a for a in cli.build_parser([c.name])._actions if a.dest == "command").choices[c.name]
+        assert [a.dest for a in light._actions] == [a.dest for a in sub.choices[c.name]._actions]
+
+
+def test_a_parser_function_cannot_add_an_undeclared_command(monkeypatch):
+    def rogue(sub):
+        sub.add_parser("train")
+        sub.add_parser("trainz")
+
+    monkeypatch.setattr(cli, "_train_parser", rogue)
+    with pytest.raises(RuntimeError, match="'trainz' is added by a parser function but is not in COMMANDS"):
+        cli.build_parser(["train"])
