@@ -61,3 +61,55 @@ def test_a_parser_function_cannot_add_an_undeclared_command(monkeypatch):
     monkeypatch.setattr(cli, "_train_parser", rogue)
     with pytest.raises(RuntimeError, match="'trainz' is added by a parser function but is not in COMMANDS"):
         cli.build_parser(["train"])
+
+
+def test_serve_takes_the_port_before_loading_the_model(monkeypatch, capsys):
+    import socket
+
+    import tunelab.models
+    from tunelab.models import ModelError
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    loads = []
+    monkeypatch.setattr(tunelab.models, "load_for_inference", lambda spec: loads.append(spec))
+    try:
+        code = cli.main(["serve", "smollm2-135m", "--port", str(port), "--backend", "transformers"])
+    finally:
+        busy.close()
+    assert code == 2 and loads == []
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+    def load_while_listening(spec):  # the port is already ours while the model loads
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass
+        raise ModelError("stop here")
+
+    monkeypatch.setattr(tunelab.models, "load_for_inference", load_while_listening)
+    assert cli.main(["serve", "smollm2-135m", "--port", str(port), "--backend", "transformers"]) == 2
+    assert "stop here" in capsys.readouterr().err
+    with socket.socket() as again:  # and given back when loading failed
+        again.bind(("127.0.0.1", port))
+
+
+def test_offline_hub_dataset_fails_at_once(monkeypatch):
+    import datasets
+
+    import tunelab.models
+    from tunelab.data.sources import DataError, read_rows
+
+    seen = []
+
+    def fake_load(*a, **k):
+        seen.append(datasets.config.HF_HUB_OFFLINE)
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(tunelab.models, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    before = datasets.config.HF_HUB_OFFLINE
+    with pytest.raises(DataError, match="hub is unreachable"):
+        read_rows("someone/some-dataset")
+    assert seen == [True]  # only the local cache was tried, never the network
+    assert datasets.config.HF_HUB_OFFLINE == before

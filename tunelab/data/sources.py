@@ -6,6 +6,7 @@ line don't say which line; tunelab's do (`data.jsonl:30001: malformed JSON ...`)
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -209,11 +210,31 @@ def _read_hub(repo_id: str, split: str) -> list[dict]:
 
     from ..models import _hub_reachable
 
+    online = _hub_reachable()  # a few seconds at most; datasets alone retries for ~30 s when offline
     try:
-        ds = datasets.load_dataset(repo_id, split=split, download_mode="reuse_dataset_if_exists")
+        with _hub_offline(not online):
+            ds = datasets.load_dataset(repo_id, split=split, download_mode="reuse_dataset_if_exists")
     except Exception as e:
-        if not _hub_reachable():
-            raise DataError(f"data.path: '{repo_id}' is not a local file and the hub is unreachable (offline); "
-                            f"download it elsewhere and point data.path at the file") from None
+        if not online:
+            raise DataError(f"data.path: '{repo_id}' is not a local file, not in the local datasets cache, and the "
+                            f"hub is unreachable (offline); download it elsewhere and point data.path at the file") from None
         raise DataError(f"data.path: can't load hub dataset '{repo_id}' ({str(e).splitlines()[0][:160]})") from None
     return [dict(r, __line__=i + 1) for i, r in enumerate(ds)]
+
+
+@contextlib.contextmanager
+def _hub_offline(offline: bool):
+    """HF_HUB_OFFLINE for one load_dataset call: the cache is used and the network not tried. Set on the
+    libraries' config modules because both read the environment variable once, at import."""
+    import datasets
+    import huggingface_hub.constants as hub_constants
+
+    if not offline:
+        yield
+        return
+    saved = datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved
