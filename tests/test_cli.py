@@ -113,3 +113,29 @@ def test_offline_hub_dataset_fails_at_once(monkeypatch):
         read_rows("someone/some-dataset")
     assert seen == [True]  # only the local cache was tried, never the network
     assert datasets.config.HF_HUB_OFFLINE == before
+
+
+def test_gguf_loader_bar_is_off(capsys):
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    from tunelab.quiet import gguf_progress_off
+
+    list(gguf_utils.tqdm(range(3), desc="shown-bar"))
+    with gguf_progress_off():
+        list(gguf_utils.tqdm(range(3), desc="hidden-bar"))
+    err = capsys.readouterr().err
+    assert "shown-bar" in err and "hidden-bar" not in err  # the first shows the check can see a bar
+
+
+def test_two_process_training_prints_no_third_party_noise(tmp_path, tiny_config):
+    """Each rank used to print DDP's find_unused_parameters notice and bitsandbytes' missing-`kernels` warning,
+    and the config's warnings came twice (launcher and rank 0)."""
+    r = subprocess.run([sys.executable, "-m", "tunelab", "train", str(tiny_config), "--output", str(tmp_path / "o"),
+                        "--launcher", "accelerate", "--num-processes", "2", "--set", "train.max_steps=2",
+                        "--set", "train.save_steps=2", "--set", "data.test_size=0"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    err = r.stderr
+    for noise in ("find_unused_parameters", "kernels", "Writing model shards", "it/s]"):
+        assert noise not in err, err[-3000:]
+    assert err.count("train.learning_rate=0.001 is outside") == 1, err[-3000:]

@@ -198,11 +198,11 @@ def cmd_train(args) -> int:
     from .ui import warn
 
     cfg, warnings = load_config(args.config, args.overrides)
+    out = Path(args.output) if args.output else Path("runs") / Path(args.config).stem
+    if args.launcher == "accelerate":  # the training processes check the config again and say its warnings once
+        return launch_accelerate(args, out)
     for w in warnings:
         warn(w)
-    out = Path(args.output) if args.output else Path("runs") / Path(args.config).stem
-    if args.launcher == "accelerate":
-        return launch_accelerate(args, out)
     summary = run(cfg, out, resume=args.resume, config_dir=Path(args.config).resolve().parent)
     if summary.get("status") == "interrupted":
         code = 143 if summary.get("signal") == "SIGTERM" else 130
@@ -267,12 +267,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # before any of them is imported (bitsandbytes warns at import that the optional `kernels` package is missing)
+    for name in ("bitsandbytes", "httpx", "huggingface_hub", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     if int(os.environ.get("RANK", "0")) > 0:  # other ranks of a distributed run: the main one talks
         from .ui import console
 
         console.quiet = True
-    for name in ("bitsandbytes", "httpx", "huggingface_hub", "accelerate"):  # before any of them is imported
-        logging.getLogger(name).setLevel(logging.ERROR)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
     command = next(c for c in COMMANDS if c.name == args.command)
