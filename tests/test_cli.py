@@ -22,7 +22,8 @@ def test_import_cli_is_light():
     assert not [m for m in HEAVY if m in mods]
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["trian", "x.yaml"], ["train"], ["config", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["trian", "x.yaml"], ["train"], ["config", "--help"],
+                                  ["config"], ["train", "--help"], ["check", "--help"]])
 def test_help_version_and_typos_stay_light(argv):
     code = f"from tunelab.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass"
     mods = _imports_after(code)

@@ -99,3 +99,15 @@ def test_sharegpt_trains_through_the_chat_template(tmp_path, tiny_model, capsys)
     text = out.out + out.err
     assert "read 4, kept 4" in text, text[-3000:]
     assert "Be brief." in text and "2+2?" in text and "▶4" in text, text[-3000:]
+
+
+def test_tool_call_turns_are_carried_for_the_template(tmp_path):
+    call = [{"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}]
+    rows = [{"messages": [{"role": "user", "content": "1+2?"},
+                          {"role": "assistant", "content": None, "tool_calls": call},
+                          {"role": "tool", "tool_call_id": "c1", "name": "add", "content": "3"},
+                          {"role": "assistant", "content": "3"}]}]
+    (ex,) = _load(_write_jsonl(tmp_path / "t.jsonl", rows), format="chat")
+    assert ex.messages[1] == {"role": "assistant", "content": "", "tool_calls": call}
+    assert ex.messages[2] == {"role": "tool", "content": "3", "name": "add", "tool_call_id": "c1"}
+    assert ex.response == "3"
