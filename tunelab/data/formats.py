@@ -21,6 +21,7 @@ ROLE_NAMES = {
     "system": "system", "developer": "system",
     "user": "user", "human": "user",
     "assistant": "assistant", "gpt": "assistant", "model": "assistant", "chatgpt": "assistant", "bing": "assistant",
+    "function_call": "assistant",  # LLaMA-Factory ShareGPT: the assistant's call, its value the call JSON
     "tool": "tool", "function": "tool", "observation": "tool", "ipython": "tool",
 }
 
