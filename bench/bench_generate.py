@@ -21,7 +21,9 @@ sys.path.insert(0, str(ROOT))
 
 
 def prompts_from(path: Path, n: int) -> list[str]:
-    rows = json.loads(path.read_text()) if path.suffix == ".json" else [json.loads(l) for l in path.read_text().splitlines()]
+    from tunelab.data.sources import read_rows
+
+    rows = read_rows(str(path))
     out = [r["instruction"] for r in rows if not r.get("input")]
     return out[:n]
 

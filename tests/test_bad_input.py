@@ -100,6 +100,8 @@ CASES = [
     ("not-utf8-data", "d.jsonl:2: not UTF-8 text",
      lambda t, m: dict(data_bytes='{"instruction": "a", "output": "b"}\n{"instruction": "caf'.encode() + b"\xe9" + b'", "output": "x"}\n')),
     ("missing-field", "d.jsonl:1: missing field 'output'", lambda t, m: dict(data_text='{"instruction": "a", "answer": "b"}\n')),
+    ("null-field", "d.jsonl:2: field 'output' is null",
+     lambda t, m: dict(data_text='{"instruction": "a", "output": "b"}\n{"instruction": "c", "input": "", "output": null}\n')),
     ("field-wrong-type", "field 'output' should be text, got list", lambda t, m: dict(data_text='{"instruction": "a", "output": ["b"]}\n')),
     ("unsupported-extension", "unsupported data file type '.txt'", lambda t, m: dict(data_name="d.txt", data_text="hello\n")),
     ("all-rows-empty", "no usable rows left", lambda t, m: dict(data_text='{"instruction": "a", "output": "  "}\n')),

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from tunelab.config import ConfigError, RunConfig, load_config, parse_overrides
@@ -69,3 +71,66 @@ def test_defaults_are_valid_apart_from_data():
     assert RunConfig().model.name == "smollm2-135m"
     with pytest.raises(ConfigError, match="data.path is required"):
         load_config(None)
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("train:\n  max_steps: 5\n  warmup_steps: 2\ndata:\n  path: d.jsonl\ntrain:\n  learning_rate: 1.0e-4\n",
+     "run.yaml:6: duplicate section 'train' (first at line 1)"),
+    ("data:\n  path: d.jsonl\ntrain:\n  max_steps: 5\n  max_steps: 7\n",
+     "run.yaml:5: duplicate key 'train.max_steps' (first at line 4)"),
+    ("data:\n  path: d.jsonl\n  fields:\n    output: a\n    output: b\n",
+     "run.yaml:5: duplicate key 'data.fields.output' (first at line 4)"),
+])
+def test_duplicate_keys_are_an_error_with_both_lines(tmp_path, text, expected):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg)
+    assert str(e.value).startswith(str(cfg.parent / expected)) or expected in str(e.value), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["smollm2-demo.yaml", "smollm2-alpaca.yaml", "korean-chatbot.yaml"])
+def test_shipped_configs_find_their_data_from_any_folder(tmp_path, monkeypatch, name):
+    if name != "smollm2-demo.yaml" and not (REPO.parent / "shared" / "data").is_dir():
+        pytest.skip("../shared/data is not on this machine")
+    monkeypatch.chdir(tmp_path)
+    cfg, _ = load_config(REPO / "configs" / name)
+    assert Path(cfg.data.path).is_absolute() and Path(cfg.data.path).is_file(), cfg.data.path
+
+
+def test_config_paths_resolve_against_the_config_folder(tmp_path, monkeypatch):
+    (tmp_path / "cfgs").mkdir()
+    (tmp_path / "cfgs" / "d.jsonl").write_text("{}\n")
+    (tmp_path / "cfgs" / "e.jsonl").write_text("{}\n")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "d.jsonl").write_text("{}\n")  # same name in the current folder: the config's wins
+    (tmp_path / "elsewhere" / "only_here.jsonl").write_text("{}\n")
+    run = tmp_path / "cfgs" / "run.yaml"
+    run.write_text("model:\n  name: org/hub-model\ndata:\n  path: d.jsonl\n  eval_path: ./e.jsonl\n")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    cfg, _ = load_config(run)
+    assert cfg.data.path == str(tmp_path / "cfgs" / "d.jsonl")
+    assert cfg.data.eval_path == str(tmp_path / "cfgs" / "e.jsonl")
+    assert cfg.model.name == "org/hub-model"  # a hub id stays a hub id
+    # a path that exists only beside the current folder is kept for it (configs written for the repo root)
+    run.write_text("data:\n  path: only_here.jsonl\n")
+    assert load_config(run)[0].data.path == "only_here.jsonl"
+    # --set paths are the shell's: relative to the current folder, untouched
+    run.write_text("data:\n  path: d.jsonl\n")
+    assert load_config(run, ["data.path=d.jsonl"])[0].data.path == "d.jsonl"
+
+
+def test_bench_dir_found_from_any_folder(tmp_path, monkeypatch):
+    from tunelab.evaluate.tasks import BENCH_DIR_ENV, bench_dir
+
+    if not (REPO.parent / "shared" / "data" / "bench").is_dir():
+        pytest.skip("../shared/data/bench is not on this machine")
+    monkeypatch.delenv(BENCH_DIR_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert (bench_dir() / "arc").is_dir(), bench_dir()
+    monkeypatch.setenv(BENCH_DIR_ENV, "mine")
+    assert bench_dir() == Path("mine")

@@ -1,14 +1,83 @@
-"""`tunelab` command line. User mistakes end as one line on stderr and exit code 2."""
+"""`tunelab` command line. User mistakes end as one line on stderr and exit code 2.
+
+The commands are the `COMMANDS` registry below, and nothing else: each entry names the command, its one-line
+help, the function that adds its arguments and the function that runs it, as "module:function" strings that
+are imported only when that command runs. So `tunelab --help`, `--version` and a mistyped command import
+neither torch nor transformers (`import tunelab.cli` is light; a test checks it).
+
+Adding a command is one entry in COMMANDS, e.g.
+    Command("chat", "talk to a run in the terminal", "tunelab.generate:add_chat_parser", "tunelab.generate:cmd_chat")
+with, in that module, `def add_chat_parser(sub): p = sub.add_parser("chat"); p.add_argument(...)` (the name must
+be the entry's; the help comes from the entry) and `def cmd_chat(args) -> int`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 EXIT_USER_ERROR = 2
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    arguments: str
+    """"module:function" called with the subparsers action; it calls sub.add_parser(name) and adds arguments."""
+    run: str
+    """"module:function" taking the parsed args and returning the exit code."""
+    libraries: bool = True
+    """False for commands that need no ML library (their quieting of transformers/datasets is skipped)."""
+
+
+COMMANDS = [
+    Command("train", "train a run (LoRA, QLoRA or full fine-tune)", "tunelab.cli:_train_parser", "tunelab.cli:cmd_train"),
+    Command("check", "preflight: data, tokenizer and config checks without training",
+            "tunelab.cli:_check_parser", "tunelab.cli:cmd_check"),
+    Command("generate", "answer prompts with a model, run folder or checkpoint",
+            "tunelab.generate:add_parser", "tunelab.generate:cmd_generate"),
+    Command("eval", "benchmark one or more models / checkpoints on tasks",
+            "tunelab.evaluate.harness:add_parser", "tunelab.evaluate.harness:cmd_eval"),
+    Command("compare", "answer the same prompts with two models, side by side",
+            "tunelab.evaluate.compare:add_parsers", "tunelab.evaluate.compare:cmd_compare"),
+    Command("blind", "interactive blind A/B rating of a compare folder (resumable)",
+            "tunelab.evaluate.compare:add_parsers", "tunelab.evaluate.compare:cmd_blind"),
+    Command("judge", "LLM-as-a-judge over a compare folder (pairwise both orders, or 1-10 grades)",
+            "tunelab.evaluate.judge:add_parser", "tunelab.evaluate.judge:cmd_judge"),
+    Command("report", "HTML + Markdown report of run, eval and compare folders",
+            "tunelab.evaluate.report:add_parser", "tunelab.evaluate.report:cmd_report"),
+    Command("sweep", "grid sweep over config keys, one run folder per trial",
+            "tunelab.sweep:add_parser", "tunelab.sweep:cmd_sweep"),
+    Command("export", "merge a run's adapter into its base and save safetensors (and GGUF)",
+            "tunelab.export:add_parser", "tunelab.export:cmd_export"),
+    Command("serve", "OpenAI-compatible HTTP server for a model, run folder or checkpoint",
+            "tunelab.serve:add_parser", "tunelab.serve:cmd_serve"),
+    Command("data", "data workbench: stats, dedup, decontaminate, filter, mix, synth",
+            "tunelab.datatools.cli:add_parser", "tunelab.datatools.cli:cmd_data"),
+    Command("config", "print the resolved config (defaults + file + --set) as YAML",
+            "tunelab.cli:_config_parser", "tunelab.cli:cmd_config", libraries=False),
+]
+
+
+def _load(ref: str):
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("tunelab")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _quiet_libraries() -> None:
@@ -40,14 +109,60 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one line (not usage + error) with exit code 2."""
 
     def error(self, message):
+        if message.startswith("argument command: invalid choice:"):  # a mistyped command: suggest the near one
+            import difflib
+            import re
+
+            typed = re.search(r"invalid choice: '([^']*)'", message)
+            close = difflib.get_close_matches(typed.group(1) if typed else "", [c.name for c in COMMANDS], n=1)
+            if typed:
+                message = f"invalid choice: {typed.group(1)!r} " + (
+                    f"(did you mean '{close[0]}'?)" if close else f"(commands: {', '.join(c.name for c in COMMANDS)})")
         self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="tunelab", description="Fine-tune open LLMs from one YAML file.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+class _OnlyDeclared:
+    """The subparsers action as a module's parser function sees it: it may add only the commands the
+    registry gives to that function, and their help is the registry's (one place for names and help)."""
 
-    p = sub.add_parser("train", help="train a run (LoRA, QLoRA or full fine-tune)")
+    def __init__(self, sub, allowed: dict[str, Command]):
+        self._sub, self._allowed = sub, allowed
+
+    def add_parser(self, name, **kwargs):
+        if name not in self._allowed:
+            raise RuntimeError(f"tunelab.cli: {name!r} is added by a parser function but is not in COMMANDS "
+                               f"(or not with that function)")
+        kwargs["help"] = self._allowed[name].help
+        kwargs.setdefault("description", self._allowed[name].help)
+        return self._sub.add_parser(name, **kwargs)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser. Only the command named in argv gets its real arguments (importing its module); the
+    others are listed by name and help, so the top-level help and a mistyped command stay light.
+    Without argv every command is built in full (tests use this to check the registry)."""
+    parser = _Parser(prog="tunelab", description="Fine-tune open LLMs from one YAML file.")
+    parser.add_argument("--version", action="version", version=f"tunelab {version()}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="command")
+    wanted = {c.name for c in COMMANDS}
+    if argv is not None:
+        first = next((a for a in argv if not a.startswith("-")), None)
+        wanted = {first} & wanted
+    full_fns = {c.arguments for c in COMMANDS if c.name in wanted}  # one function may add several commands
+    done: set[str] = set()
+    for c in COMMANDS:  # registry order is the help order
+        if c.arguments not in full_fns:
+            sub.add_parser(c.name, help=c.help, add_help=False)
+        elif c.arguments not in done:
+            done.add(c.arguments)
+            _load(c.arguments)(_OnlyDeclared(sub, {o.name: o for o in COMMANDS if o.arguments == c.arguments}))
+        if c.name not in sub.choices:
+            raise RuntimeError(f"tunelab.cli: {c.arguments} did not add the command {c.name!r}")
+    return parser
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train")
     _common(p)
     p.add_argument("--output", "-o", help="run folder (default: runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its newest checkpoint")
@@ -56,29 +171,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-processes", type=int, default=2)
     p.add_argument("--accelerate-config", help="an accelerate config file (FSDP, DeepSpeed, multi-node)")
 
-    p = sub.add_parser("check", help="preflight: data, tokenizer and config checks without training")
+
+def _check_parser(sub) -> None:
+    p = sub.add_parser("check")
     _common(p)
     p.add_argument("--examples", type=int, default=1, help="rendered examples to show")
 
-    from . import export, generate, serve, sweep
-    from .evaluate import compare, harness, judge, report
 
-    generate.add_parser(sub)
-    harness.add_parser(sub)
-    compare.add_parsers(sub)
-    judge.add_parser(sub)
-    report.add_parser(sub)
-    sweep.add_parser(sub)
-    export.add_parser(sub)
-    serve.add_parser(sub)
-    from .datatools import cli as datatools_cli
-
-    datatools_cli.add_parser(sub)
-
-    p = sub.add_parser("config", help="print the resolved config (defaults + file + --set) as YAML")
+def _config_parser(sub) -> None:
+    p = sub.add_parser("config")
     p.add_argument("config", nargs="?", help="run YAML file (omit for the defaults)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    return parser
 
 
 def cmd_config(args) -> int:
@@ -97,11 +200,11 @@ def cmd_train(args) -> int:
     from .ui import warn
 
     cfg, warnings = load_config(args.config, args.overrides)
+    out = Path(args.output) if args.output else Path("runs") / Path(args.config).stem
+    if args.launcher == "accelerate":  # the training processes check the config again and say its warnings once
+        return launch_accelerate(args, out)
     for w in warnings:
         warn(w)
-    out = Path(args.output) if args.output else Path("runs") / Path(args.config).stem
-    if args.launcher == "accelerate":
-        return launch_accelerate(args, out)
     summary = run(cfg, out, resume=args.resume, config_dir=Path(args.config).resolve().parent)
     if summary.get("status") == "interrupted":
         code = 143 if summary.get("signal") == "SIGTERM" else 130
@@ -150,44 +253,44 @@ def cmd_check(args) -> int:
     return check(args)
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The exception types that are user mistakes (one line, exit 2). Those of modules not imported yet
+    can't have been raised, so they are looked up in sys.modules instead of imported (torch stays unloaded)."""
+    from .config import ConfigError
+    from .data.sources import DataError
+    from .fsutil import DiskFullError
+
+    types_ = [ConfigError, DataError, DiskFullError]
+    for module, name in (("tunelab.data.preflight", "PreflightError"), ("tunelab.models", "ModelError"),
+                         ("tunelab.train", "TrainingError")):
+        if module in sys.modules:
+            types_.append(getattr(sys.modules[module], name))
+    return tuple(types_)
+
+
 def main(argv: list[str] | None = None) -> int:
+    # before any of them is imported (bitsandbytes warns at import that the optional `kernels` package is missing)
+    for name in ("bitsandbytes", "httpx", "huggingface_hub", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     if int(os.environ.get("RANK", "0")) > 0:  # other ranks of a distributed run: the main one talks
         from .ui import console
 
         console.quiet = True
-    for name in ("bitsandbytes", "httpx", "huggingface_hub", "accelerate"):  # before any of them is imported
-        logging.getLogger(name).setLevel(logging.ERROR)
-    args = build_parser().parse_args(argv)
-    _quiet_libraries()
-    from .config import ConfigError
-    from .data.preflight import PreflightError
-    from .data.sources import DataError
-    from .fsutil import DiskFullError
-    from .models import ModelError
-    from .train import TrainingError
-
-    from .evaluate.compare import cmd_blind, cmd_compare
-    from .evaluate.harness import cmd_eval
-    from .evaluate.judge import cmd_judge
-    from .evaluate.report import cmd_report
-    from .export import cmd_export
-    from .generate import cmd_generate
-    from .serve import cmd_serve
-    from .sweep import cmd_sweep
-    from .datatools.cli import cmd_data
-
-    handlers = {"train": cmd_train, "check": cmd_check, "config": cmd_config, "generate": cmd_generate,
-                "eval": cmd_eval, "compare": cmd_compare, "blind": cmd_blind, "judge": cmd_judge,
-                "report": cmd_report, "sweep": cmd_sweep,
-                "export": cmd_export, "serve": cmd_serve, "data": cmd_data}
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
+    command = next(c for c in COMMANDS if c.name == args.command)
+    if command.libraries:
+        _quiet_libraries()
     try:
-        return handlers[args.command](args)
-    except (ConfigError, DataError, ModelError, PreflightError, TrainingError, DiskFullError) as e:
-        print(f"tunelab {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return _load(command.run)(args)
     except KeyboardInterrupt:
         print(f"tunelab {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if not isinstance(e, _user_errors()):
+            raise
+        print(f"tunelab {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -49,7 +50,8 @@ class DataConfig:
     """A .jsonl/.json/.csv/.parquet file, a datasets folder saved with save_to_disk, or a hub id."""
     split: str = "train"
     format: str = "alpaca"
-    """alpaca (instruction/input/output), chat (messages with role/content), prompt_completion."""
+    """alpaca (instruction/input/output), chat (messages with role/content), sharegpt (conversations with
+    from/value; human/gpt/system roles), prompt_completion."""
     template: str = "alpaca"
     """Prompt template: alpaca (RECIPE.md text), chat_template (the tokenizer's), or plain (prompt as is)."""
     fields: dict[str, str] = field(default_factory=dict)
@@ -71,6 +73,9 @@ class DataConfig:
     """A separate evaluation file instead of `test_size`."""
     max_seq_length: int = 2048
     """Longer examples are truncated at this many tokens."""
+    skip_bad_rows: bool = False
+    """Drop rows with a field missing, null or of the wrong type (counted in `tunelab check`'s stats)
+    instead of stopping at the first one with its file:line."""
     drop_untrainable: bool = False
     """Drop examples whose response is cut away entirely by truncation (default: refuse to train)."""
     num_proc: int = 1
@@ -187,7 +192,7 @@ CHOICES = {
     "model.dtype": ["auto", "float32", "bfloat16", "float16"],
     "model.device": ["auto", "cpu", "cuda"],
     "model.attn_implementation": ["sdpa", "eager", "flash_attention_2"],
-    "data.format": ["alpaca", "chat", "prompt_completion"],
+    "data.format": ["alpaca", "chat", "sharegpt", "prompt_completion"],
     "data.template": ["alpaca", "chat_template", "plain"],
     "data.train_on": ["all_assistant", "last_assistant"],
     "lora.bias": ["none", "all", "lora_only"],
@@ -198,7 +203,7 @@ CHOICES = {
     "train.optim": ["adamw_torch", "adamw_torch_fused", "adamw_8bit", "adamw_bnb_8bit",
                     "paged_adamw_8bit", "paged_adamw_32bit", "adafactor", "sgd"],
 }
-DATA_FIELDS = ["instruction", "input", "output", "messages", "prompt", "completion"]
+DATA_FIELDS = ["instruction", "input", "output", "messages", "conversations", "prompt", "completion"]
 
 
 def _fail(where: str, msg: str) -> typing.NoReturn:
@@ -218,9 +223,16 @@ def _compose_with_lines(text: str, source: str) -> tuple[Any, dict[str, int]]:
 
     def walk(n, prefix):
         if isinstance(n, yaml.MappingNode):
+            seen: dict[str, int] = {}
             for k, v in n.value:
                 key = f"{prefix}.{k.value}" if prefix else str(k.value)
-                lines[key] = k.start_mark.line + 1
+                line = k.start_mark.line + 1
+                if key in seen:  # PyYAML would keep the last silently; a second `train:` drops the first's keys
+                    what = "section" if not prefix else "key"
+                    _fail(f"{source}:{line}", f"duplicate {what} '{key}' (first at line {seen[key]}); "
+                          f"merge the two into one")
+                seen[key] = line
+                lines[key] = line
                 walk(v, key)
 
     if node is not None:
@@ -382,8 +394,8 @@ def validate(cfg: RunConfig, where_of=lambda k: k) -> list[str]:
     for k in d.fields:
         if k not in DATA_FIELDS:
             _fail(where_of(f"data.fields.{k}"), f"unknown data field '{k}'{_did_you_mean(k, DATA_FIELDS)}")
-    if d.format == "chat" and d.template != "chat_template":
-        _fail(where_of("data.template"), "data.format=chat needs data.template=chat_template")
+    if d.format in ("chat", "sharegpt") and d.template != "chat_template":
+        _fail(where_of("data.template"), f"data.format={d.format} needs data.template=chat_template")
     if q.load_in_4bit and not lo.enabled:
         _fail(where_of("quantization.load_in_4bit"),
               "a 4-bit base can't be fully fine-tuned: set lora.enabled=true (QLoRA) or load_in_4bit=false")
@@ -418,6 +430,35 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+PATH_KEYS = ("model.name", "data.path", "data.eval_path")
+"""Keys that may hold a local path; in a config file they resolve as `resolve_config_path` says."""
+
+
+def resolve_config_path(value: str, config_dir: Path) -> str:
+    """Where a relative path written in a config file points: the config file's folder first (so a
+    config works from any current folder), then the current folder (configs written for the folder
+    they are run from keep working). What exists in neither is kept as written: a hub id, or a
+    missing file that the reader names. Absolute and ~ paths are used as they are. A path given
+    with --set is relative to the current folder, like any path typed on the command line."""
+    if not value:
+        return value
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return value
+    near = config_dir / path
+    if near.exists():
+        return str(Path(os.path.normpath(near)))
+    return value
+
+
+def _resolve_paths(cfg: RunConfig, config_dir: Path, lines: dict[str, int]) -> None:
+    for dotted in PATH_KEYS:
+        sec, key = dotted.split(".")
+        value = getattr(getattr(cfg, sec), key)
+        if dotted in lines and isinstance(value, str):
+            setattr(getattr(cfg, sec), key, resolve_config_path(value, config_dir))
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> tuple[RunConfig, list[str]]:
     """Read a run YAML (or only defaults when path is None), apply --set flags, validate."""
     cfg = RunConfig()
@@ -443,6 +484,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             return f"{source}:{lines['.'.join(parts)]}" if parts else source
 
         _apply(cfg, data, where_file)
+        _resolve_paths(cfg, p.resolve().parent, lines)
     else:
         def where_file(dotted: str) -> str:
             return ""

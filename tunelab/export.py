@@ -241,9 +241,12 @@ def check_gguf(reference, tok, path: Path, template: str, system_prompt: str | N
 
     from .data.templates import Example, render_prompt
 
+    from .quiet import gguf_progress_off
+
     try:
-        g = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
-        gtok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        with gguf_progress_off():
+            g = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+            gtok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as e:
         raise ExportError(f"the GGUF written to {path.name} does not load back in transformers "
                           f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None

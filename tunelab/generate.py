@@ -237,29 +237,25 @@ def read_prompts(prompts: list[str], file: str | None) -> list[Example]:
     if file:
         path = Path(file)
         if file == "-":
-            lines = sys.stdin.read().splitlines()
+            text = sys.stdin.read()
             path = Path("<stdin>")
         else:
             try:
-                lines = path.read_text(encoding="utf-8").splitlines()
+                text = path.read_text(encoding="utf-8")
             except FileNotFoundError:
                 raise GenerationError(f"prompt file not found: {file}") from None
             except UnicodeDecodeError:
                 raise GenerationError(f"{file}: not UTF-8 text") from None
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            if path.suffix == ".jsonl":
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise GenerationError(f"{file}:{n}: malformed JSON ({e.msg})") from None
+        if path.suffix == ".jsonl":
+            from .data.sources import parse_jsonl
+
+            for n, row in parse_jsonl(text, file, GenerationError):
                 ex = example_from_row(row) if isinstance(row, dict) else None
                 if ex is None:
                     raise GenerationError(f"{file}:{n}: no 'prompt', 'instruction', 'messages' or 'turns' field")
                 out.append(ex)
-            else:
-                out.append(line)
+        else:
+            out += [line for line in text.splitlines() if line.strip()]
     elif not out and not sys.stdin.isatty():
         out = [line for line in sys.stdin.read().splitlines() if line.strip()]
     if not out:

@@ -70,9 +70,12 @@ def convert_gguf(gguf: Path, label: str | None = None) -> Path:
     if (target / "config.json").is_file():
         return target
     log.info("converting %s to safetensors (once; cached in %s)", gguf.name, target)
+    from .quiet import gguf_progress_off
+
     try:
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        with gguf_progress_off():
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     except Exception as e:  # transformers raises many types for a bad file
         raise ModelError(f"{gguf}: not a GGUF model transformers can read ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
     # A GGUF-loaded model is flagged as quantized and refuses save_pretrained; its weights are

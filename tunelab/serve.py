@@ -428,17 +428,22 @@ def cmd_serve(args) -> int:
             _vllm_exec(args, args.model)
         elif args.backend == "vllm":
             raise ConfigError("--backend vllm needs the vllm package and a CUDA GPU")
-    loaded = load_for_inference(args.model, template=args.template)
-    loaded.template = serve_template(args.model, args.template, loaded.tokenizer) or loaded.template
-    if loaded.template == "chat_template" and not getattr(loaded.tokenizer, "chat_template", None):
-        raise ConfigError(f"--template chat_template: the tokenizer of {args.model} has no chat template")
+    try:  # take the port before the model loads (seconds to minutes): a busy port fails at once
+        httpd = ThreadingHTTPServer((args.host, args.port), BaseHTTPRequestHandler)
+    except OSError as e:
+        raise ConfigError(f"cannot listen on {args.host}:{args.port} ({e.strerror})") from None
+    try:
+        loaded = load_for_inference(args.model, template=args.template)
+        loaded.template = serve_template(args.model, args.template, loaded.tokenizer) or loaded.template
+        if loaded.template == "chat_template" and not getattr(loaded.tokenizer, "chat_template", None):
+            raise ConfigError(f"--template chat_template: the tokenizer of {args.model} has no chat template")
+    except BaseException:
+        httpd.server_close()
+        raise
     name = args.name or Path(args.model.rstrip("/")).name or args.model
     srv = Server(loaded, name, args.max_tokens_limit, args.max_prompt_tokens, key, args.max_batch,
                  args.batch_window_ms / 1000)
-    try:
-        httpd = ThreadingHTTPServer((args.host, args.port), make_handler(srv))
-    except OSError as e:
-        raise ConfigError(f"cannot listen on {args.host}:{args.port} ({e.strerror})") from None
+    httpd.RequestHandlerClass = make_handler(srv)  # requests that came during loading waited in the backlog
     httpd.daemon_threads = True
     console.print(f"serving '{name}' (template {loaded.template}) on http://{args.host}:{httpd.server_address[1]}/v1 "
                   f"(transformers backend, batches of up to {args.max_batch})")

@@ -160,6 +160,10 @@ def training_arguments(cfg: RunConfig, out: Path, device: str, dtype: torch.dtyp
         greater_is_better=False if early else None,
         disable_tqdm=True,
         save_only_model=False,
+        # Every trainable parameter (LoRA or full) takes part in each forward pass, so DDP needs no search
+        # for unused ones; transformers' default (True for a PeftModel) costs a graph traversal per step
+        # and makes every rank print a warning saying so.
+        ddp_find_unused_parameters=False,
     )
 
 

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..config import DataConfig
-from .formats import FORMAT_FIELDS, RowError, to_example
+from .formats import FORMAT_FIELDS, BadRowError, RowError, to_example
 from .sources import DataError, read_rows
 from .templates import Example, TemplateError, encode_prompt, training_turns
 
@@ -109,25 +109,29 @@ def load_examples(cfg: DataConfig, path: str, stats: DataStats, base: Path | Non
     rows = read_rows(path, cfg.split, base)
     stats.rows_read += len(rows)
     out = []
-    first_error = None
     for row in rows:
         where = f"{path}:{row.get('__line__', '?')}"
         try:
             ex = to_example(row, cfg.format, cfg.fields)
-        except RowError as e:
-            reason = str(e)
-            if reason.startswith(("missing field", "field '", "each message", "the last message")):
-                first_error = first_error or f"{where}: {reason}"
+        except BadRowError as e:
+            if cfg.skip_bad_rows:
+                stats.drop(f"bad row (data.skip_bad_rows): {e}", where)
                 continue
-            stats.drop(reason, where)
+            raise DataError(f"{where}: {e}{_bad_row_hint(e, row, cfg)}") from None
+        except RowError as e:
+            stats.drop(str(e), where)
             continue
         out.append((where, ex))
-    if first_error:
-        columns = sorted(k for k in rows[0] if k != "__line__")
-        expected = ", ".join(FORMAT_FIELDS[cfg.format])
-        raise DataError(f"{first_error}; format {cfg.format} expects {expected} "
-                        f"(the file has: {', '.join(columns)}; map names with data.fields)")
     return out
+
+
+def _bad_row_hint(e: Exception, row: dict, cfg: DataConfig) -> str:
+    hint = "; fix the row or set data.skip_bad_rows=true to drop such rows"
+    if str(e).startswith("missing field"):
+        columns = sorted(k for k in row if k != "__line__")
+        return (f"; format {cfg.format} expects {', '.join(FORMAT_FIELDS[cfg.format])} (this row has: "
+                f"{', '.join(columns)}; map names with data.fields)" + hint)
+    return hint
 
 
 def prepare(cfg: DataConfig, tokenizer, base: Path | None = None):

@@ -6,10 +6,12 @@ line don't say which line; tunelab's do (`data.jsonl:30001: malformed JSON ...`)
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 
 class DataError(ValueError):
@@ -26,20 +28,76 @@ def _decode(path: Path) -> str:
                         f"convert the file to UTF-8") from None
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    for n, line in enumerate(_decode(path).splitlines(), 1):
-        if not line.strip():
-            continue
+def jsonl_lines(text: str) -> Iterator[tuple[int, str]]:
+    """(line number, line) for each non-blank line of JSON Lines text.
+
+    Splits only at "\\n", as the JSON Lines format says: str.splitlines() also splits at U+2028, U+2029,
+    U+0085 and other separators that json.dumps(ensure_ascii=False) leaves raw inside strings, which
+    cut valid rows in two. A trailing "\\r" (CRLF files) is JSON whitespace and harmless.
+    """
+    for n, line in enumerate(text.split("\n"), 1):
+        if line.strip():
+            yield n, line
+
+
+def parse_jsonl(text: str, source: str | Path, error: type[Exception] | None = None) -> list[tuple[int, Any]]:
+    """Every non-blank line of JSON Lines text parsed, as (line number, value).
+
+    The one JSON Lines reader of tunelab (data files, benchmark files, prompt files, compare folders).
+    A malformed line raises `error` (DataError by default) as "source:line: malformed JSON (...)".
+    """
+    error = error or DataError
+    out = []
+    for n, line in jsonl_lines(text):
         try:
-            row = json.loads(line)
+            out.append((n, json.loads(line)))
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
+            raise error(f"{source}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
+    return out
+
+
+def read_jsonl(path: Path, error: type[Exception] | None = None) -> list[dict]:
+    """A JSON Lines file of objects; each row carries `__line__`. Errors name file:line.
+
+    A JSON array saved under a .jsonl name (a common slip) is detected and read as the array it is.
+    """
+    error = error or DataError
+    if not path.exists():
+        raise error(f"{path}: file not found")
+    try:
+        text = _decode(path)
+    except DataError as e:
+        raise error(str(e)) from None
+    if text.lstrip().startswith("["):
+        rows = _json_array(text, path, error)
+        if rows is not None:
+            return rows
+    rows = []
+    for n, row in parse_jsonl(text, path, error):
         if not isinstance(row, dict):
-            raise DataError(f"{path}:{n}: each line must be a JSON object, got {type(row).__name__}")
+            raise error(f"{path}:{n}: each line must be a JSON object, got {type(row).__name__}")
         row["__line__"] = n
         rows.append(row)
     return rows
+
+
+def _json_array(text: str, path: Path, error: type[Exception]) -> list[dict] | None:
+    """The rows of text that is one JSON array of objects, else None (then it is read as JSON Lines)."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        first = next(jsonl_lines(text))[1]
+        try:
+            json.loads(first)
+        except json.JSONDecodeError:  # not JSON Lines either: say what the file looks like
+            raise error(f"{path}:{e.lineno}: this .jsonl file holds a JSON array (it starts with '['), not JSON "
+                        f"Lines, and the array is malformed ({e.msg} at column {e.colno})") from None
+        return None
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        return None
+    for i, row in enumerate(data):
+        row["__line__"] = i + 1  # the row's number: a JSON array has no line per row
+    return data
 
 
 def _read_json(path: Path) -> list[dict]:
@@ -48,7 +106,7 @@ def _read_json(path: Path) -> list[dict]:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         if e.lineno > 1 and text.lstrip().startswith("{"):  # maybe JSON Lines with a .json name
-            return _read_jsonl(path)
+            return read_jsonl(path)
         raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
     if isinstance(data, dict):
         lists = [v for v in data.values() if isinstance(v, list)]
@@ -65,8 +123,8 @@ def _read_json(path: Path) -> list[dict]:
 
 
 def _read_csv(path: Path) -> list[dict]:
-    text = _decode(path)
-    reader = csv.reader(text.splitlines(), strict=True)
+    # newline="" as the csv module asks: a newline inside a quoted field is part of the value
+    reader = csv.reader(io.StringIO(_decode(path), newline=""), strict=True)
     rows: list[dict] = []
     try:
         header = next(reader)
@@ -77,6 +135,7 @@ def _read_csv(path: Path) -> list[dict]:
     if len(set(header)) != len(header):
         raise DataError(f"{path}:1: duplicate column names in the header: {header}")
     while True:
+        start = reader.line_num + 1  # a quoted field can span lines: name the line the row starts on
         try:
             values = next(reader)
         except StopIteration:
@@ -86,9 +145,9 @@ def _read_csv(path: Path) -> list[dict]:
         if not values:
             continue
         if len(values) != len(header):
-            raise DataError(f"{path}:{reader.line_num}: {len(values)} columns, the header has {len(header)}")
+            raise DataError(f"{path}:{start}: {len(values)} columns, the header has {len(header)}")
         row: dict[str, Any] = dict(zip(header, values))
-        row["__line__"] = reader.line_num
+        row["__line__"] = start
         rows.append(row)
     return rows
 
@@ -106,7 +165,7 @@ def _read_parquet(path: Path) -> list[dict]:
     return rows
 
 
-READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+READERS = {".jsonl": read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
 
 
 def read_rows(spec: str, split: str = "train", base: Path | None = None) -> list[dict]:
@@ -151,11 +210,31 @@ def _read_hub(repo_id: str, split: str) -> list[dict]:
 
     from ..models import _hub_reachable
 
+    online = _hub_reachable()  # a few seconds at most; datasets alone retries for ~30 s when offline
     try:
-        ds = datasets.load_dataset(repo_id, split=split, download_mode="reuse_dataset_if_exists")
+        with _hub_offline(not online):
+            ds = datasets.load_dataset(repo_id, split=split, download_mode="reuse_dataset_if_exists")
     except Exception as e:
-        if not _hub_reachable():
-            raise DataError(f"data.path: '{repo_id}' is not a local file and the hub is unreachable (offline); "
-                            f"download it elsewhere and point data.path at the file") from None
+        if not online:
+            raise DataError(f"data.path: '{repo_id}' is not a local file, not in the local datasets cache, and the "
+                            f"hub is unreachable (offline); download it elsewhere and point data.path at the file") from None
         raise DataError(f"data.path: can't load hub dataset '{repo_id}' ({str(e).splitlines()[0][:160]})") from None
     return [dict(r, __line__=i + 1) for i, r in enumerate(ds)]
+
+
+@contextlib.contextmanager
+def _hub_offline(offline: bool):
+    """HF_HUB_OFFLINE for one load_dataset call: the cache is used and the network not tried. Set on the
+    libraries' config modules because both read the environment variable once, at import."""
+    import datasets
+    import huggingface_hub.constants as hub_constants
+
+    if not offline:
+        yield
+        return
+    saved = datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved

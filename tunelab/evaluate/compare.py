@@ -16,6 +16,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from ..config import ConfigError
+from ..data.sources import jsonl_lines, read_jsonl
 from ..fsutil import atomic_write_text
 from ..generate import GenParams, generate, read_prompts
 from ..ui import console
@@ -48,13 +49,9 @@ def load_pairs(folder: Path) -> tuple[dict, list[dict]]:
     if not f.is_file():
         raise CompareError(f"{folder}: no compare.jsonl (write one with `tunelab compare A B --out {folder}`)")
     meta = json.loads((folder / "meta.json").read_text()) if (folder / "meta.json").is_file() else {}
-    rows = []
-    for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise CompareError(f"{f}:{n}: malformed JSON ({e.msg})") from None
+    rows = read_jsonl(f, CompareError)
+    for r in rows:
+        r.pop("__line__")
     return meta, rows
 
 
@@ -115,18 +112,16 @@ def read_ratings(log: Path) -> dict[int, dict]:
     a malformed line elsewhere is an error naming file:line."""
     if not log.is_file():
         return {}
-    lines = log.read_text(encoding="utf-8").splitlines()
+    lines = list(jsonl_lines(log.read_text(encoding="utf-8")))
     done = {}
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    for i, (n, line) in enumerate(lines):
         try:
             r = json.loads(line)
             done[int(r["index"])] = r
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            if n < len(lines):
+            if i < len(lines) - 1:
                 raise CompareError(f"{log}:{n}: malformed rating line; fix or delete it to continue") from None
-            atomic_write_text(log, "".join(l + "\n" for l in lines[:-1]))  # drop the torn last line
+            atomic_write_text(log, "".join(l + "\n" for _, l in lines[:-1]))  # drop the torn last line
     return done
 
 

@@ -76,8 +76,18 @@ class Task:
         return it.choices[it.gold] if self.kind == "multiple_choice" else (it.response or it.target)
 
 
+DEFAULT_BENCH_DIR = "../shared/data/bench"
+
+
 def bench_dir() -> Path:
-    return Path(os.environ.get(BENCH_DIR_ENV, "../shared/data/bench"))
+    """$TUNELAB_BENCH_DIR (relative to the current folder, as a path typed in the shell), else the default
+    `../shared/data/bench` looked up beside the current folder, then beside the tunelab checkout, so
+    `tunelab eval` finds it from any folder as the shipped configs find their data."""
+    if os.environ.get(BENCH_DIR_ENV):
+        return Path(os.environ[BENCH_DIR_ENV])
+    here = Path(DEFAULT_BENCH_DIR)
+    checkout = Path(__file__).resolve().parents[2] / DEFAULT_BENCH_DIR
+    return here if here.exists() or not checkout.exists() else Path(os.path.normpath(checkout))
 
 
 def _need(path: Path) -> Path:
@@ -88,14 +98,9 @@ def _need(path: Path) -> Path:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    for n, line in enumerate(_need(path).read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise TaskError(f"{path}:{n}: malformed JSON ({e.msg})") from None
-    return rows
+    from ..data.sources import read_jsonl
+
+    return read_jsonl(_need(path), TaskError)
 
 
 def _read_tsv(path: Path) -> list[dict]:
