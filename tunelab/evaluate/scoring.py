@@ -132,3 +132,17 @@ def text_nll(loaded, text: str, max_len: int | None = None) -> tuple[float, int]
 
 def perplexity(nll_sum: float, tokens: int) -> float:
     return math.exp(nll_sum / max(1, tokens))
+
+
+def macro_f1(gold: list[int], pred: list[int]) -> float:
+    """Macro-averaged F1 over the labels seen in gold or pred, 0 for a label without true positives: what
+    sklearn's f1_score(average="macro") gives (lm-eval's kobest metric). Written out because scikit-learn is
+    not a tunelab dependency and this is six lines."""
+    labels = sorted(set(gold) | set(pred))
+    f1s = []
+    for c in labels:
+        tp = sum(g == c and p == c for g, p in zip(gold, pred))
+        fp = sum(g != c and p == c for g, p in zip(gold, pred))
+        fn = sum(g == c and p != c for g, p in zip(gold, pred))
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return sum(f1s) / len(f1s) if f1s else 0.0
