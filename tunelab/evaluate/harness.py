@@ -23,7 +23,7 @@ from . import scoring
 from .stats import bootstrap_ci, bootstrap_ratio_ci, bootstrap_stat, paired_diff_ci, paired_ratio_diff_ci
 from .tasks import TaskError, load_task
 
-PRIMARY = {"multiple_choice": "acc", "generate": "exact_match", "perplexity": "loss"}
+PRIMARY = {"multiple_choice": "acc", "generate": "exact_match", "perplexity": "loss", "loglikelihood": "acc"}
 
 
 def add_parser(sub) -> None:
@@ -98,11 +98,31 @@ def score_task(loaded, task, items, cache: Cache | None, batch_size: int, progre
             per.setdefault("gold", []).append(it.gold)
             progress.advance(bar)
     elif task.kind == "generate":
-        params = GenParams(max_new_tokens=task.max_new_tokens, stop=list(task.stop))
+        lm = task.lm_eval or {}
+        params = GenParams(max_new_tokens=task.max_new_tokens, stop=list(task.stop), **lm.get("sampling", {}))
         outs = generate(loaded, [it.context for it in items], params, batch_size=batch_size, cache=cache,
                         template=None if task.template == "model" else "plain", on_result=lambda i, c: progress.advance(bar))
-        per["exact_match"] = [scoring.exact_match(o.text, it.target, task.regex) for o, it in zip(outs, items)]
+        if task.lm_eval is None:
+            per["exact_match"] = [scoring.exact_match(o.text, it.target, task.regex) for o, it in zip(outs, items)]
+        else:  # lm-eval task file: each filter pipeline, then HF evaluate's exact_match with the task's options
+            from .lmeval import apply_filter, exact_match
+
+            per["by_filter"] = {name: [exact_match(apply_filter(o.text, steps), it.target, **lm["em"])
+                                       for o, it in zip(outs, items)] for name, steps in lm["filters"] or [("none", [])]}
+            per["exact_match"] = next(iter(per["by_filter"].values()))
         per["outputs"] = [o.text for o in outs]
+    elif task.kind == "loglikelihood":
+        for it in items:
+            ctx = wrap_context(loaded, task, it.context)
+            key = Cache.key("llg", fp, ctx, task.target_delimiter + it.target)
+            got = cache.get_raw(key) if cache else None
+            if got is None:
+                got = list(scoring.loglik_greedy(loaded, ctx, task.target_delimiter + it.target))
+                if cache:
+                    cache.put_raw(key, "llg", got)
+            per.setdefault("loglik", []).append(got[0])
+            per.setdefault("acc", []).append(float(got[1]))
+            progress.advance(bar)
     else:
         nll, ntok = [], []
         for it in items:
@@ -134,32 +154,45 @@ def wrap_context(loaded, task, context: str) -> str:
 def summarize(task, per: dict, seed: int) -> dict:
     if task.kind == "perplexity":
         loss, lo, hi = bootstrap_ratio_ci(per["nll"], per["tokens"], seed=seed)
-        import math
-
         return {"loss": [loss, lo, hi], "perplexity": [math.exp(loss), math.exp(lo), math.exp(hi)]}
     out = {}
     for m in task.metrics:
-        if m == "f1":  # corpus-level macro-F1 (KoBEST's metric); CI by resampling items
+        if m == "perplexity":  # lm-eval's loglikelihood perplexity: exp(-mean log-likelihood)
+            out[m] = list(bootstrap_stat(lambda ll: math.exp(-sum(ll) / len(ll)), per["loglik"], seed=seed))
+        elif m == "f1":  # corpus-level macro-F1 (KoBEST's metric); CI by resampling items
             out[m] = list(bootstrap_stat(scoring.macro_f1, per["gold"], per["pred"], seed=seed))
         else:
             out[m] = list(bootstrap_ci(per[m], seed=seed))
     return out
 
 
-def lm_eval_metrics(task, per: dict) -> dict:
+def lm_eval_metrics(task, per: dict, items) -> dict:
     """The task's metrics as lm-eval prints them in its results JSON ("acc,none", "acc_stderr,none"): the mean and
     its standard error (sample standard deviation / sqrt(n), lm-eval's mean_stderr); N/A where lm-eval has none."""
-    import math
     import statistics
 
     out: dict = {"alias": task.name}
-    filt = (task.lm_eval or {}).get("filter_name", "none")
-    if task.kind == "perplexity":
-        loss = sum(per["nll"]) / max(1, sum(per["tokens"]))
-        out[f"token_perplexity,{filt}"] = math.exp(loss)
-        out[f"token_perplexity_stderr,{filt}"] = "N/A"
+    filt = "none"
+    if task.kind == "perplexity":  # lm-eval's loglikelihood_rolling metrics (weighted by words / bytes)
+        nll = sum(per["nll"])
+        words = sum(len(re.split(r"\s+", it.response)) for it in items)
+        nbytes = sum(len(it.response.encode("utf-8")) for it in items)
+        out.update({"word_perplexity,none": math.exp(nll / words), "word_perplexity_stderr,none": "N/A",
+                    "byte_perplexity,none": math.exp(nll / nbytes), "byte_perplexity_stderr,none": "N/A",
+                    "bits_per_byte,none": nll / nbytes / math.log(2), "bits_per_byte_stderr,none": "N/A",
+                    "token_perplexity,none": math.exp(nll / max(1, sum(per["tokens"]))),
+                    "token_perplexity_stderr,none": "N/A"})
+        return out
+    if "by_filter" in per:
+        for name, v in per["by_filter"].items():
+            out[f"exact_match,{name}"] = sum(v) / len(v)
+            out[f"exact_match_stderr,{name}"] = statistics.stdev(v) / math.sqrt(len(v)) if len(v) > 1 else "N/A"
         return out
     for m in task.metrics:
+        if m == "perplexity":
+            out["perplexity,none"] = math.exp(-sum(per["loglik"]) / len(per["loglik"]))
+            out["perplexity_stderr,none"] = "N/A"
+            continue
         if m == "f1":
             out[f"f1,{filt}"] = scoring.macro_f1(per["gold"], per["pred"])
             out[f"f1_stderr,{filt}"] = "N/A"
@@ -218,7 +251,7 @@ def cmd_eval(args) -> int:
             for t, items in prepared:
                 per = score_task(loaded, t, items, cache, args.batch_size, progress)
                 results["models"][spec][t.name] = {"metrics": summarize(t, per, args.seed), "per_item": per}
-                results["lm_eval"].setdefault(spec, {})[t.name] = lm_eval_metrics(t, per)
+                results["lm_eval"].setdefault(spec, {})[t.name] = lm_eval_metrics(t, per, items)
         del loaded
     ref = args.models[0]
     for spec in args.models[1:]:

@@ -63,6 +63,19 @@ def choice_logliks(loaded, context: str, choices: list[str], delimiter: str = " 
     return lls
 
 
+@torch.inference_mode()
+def loglik_greedy(loaded, context: str, continuation: str) -> tuple[float, bool]:
+    """lm-eval's loglikelihood request: the continuation's summed log-probability after the context, and
+    whether greedy decoding would have produced exactly its tokens."""
+    ctx, cont = encode_pair(loaded.tokenizer, context, continuation)
+    dev = loaded.device
+    logits = loaded.model(input_ids=torch.tensor([ctx + cont[:-1]], device=dev)).logits[0]
+    logp = torch.log_softmax(logits[len(ctx) - 1:].float(), dim=-1)
+    target = torch.tensor(cont, device=dev)
+    ll = float(logp[torch.arange(len(cont), device=dev), target].sum())
+    return ll, bool((logp.argmax(-1) == target).all())
+
+
 def _full_loglik(model, ctx: list[int], cont: list[int], dev) -> float:
     ids = torch.tensor([ctx + cont[:-1]], device=dev)
     logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)

@@ -319,7 +319,9 @@ def load_task_file(path: Path) -> Task:
 
     text = _need(path).read_text(encoding="utf-8")
     try:
-        spec = yaml.safe_load(text)
+        from .lmeval import yaml_loader
+
+        spec = yaml.load(text, Loader=yaml_loader())  # safe_load, plus lm-eval's !function tag (refused later)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         raise TaskError(f"{path}:{mark.line + 1 if mark else 1}: malformed YAML ({getattr(e, 'problem', e)})") from None
