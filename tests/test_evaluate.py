@@ -29,6 +29,22 @@ def test_shared_context_logliks_equal_full_sequence(loaded):
         assert abs(full - ll) < 1e-4
 
 
+def test_batched_scoring_equals_one_item_at_a_time(loaded):
+    """Left-padded batches of mixed lengths, one-token answers from a single forward, multi-token ones per choice:
+    the same log-likelihoods as scoring each item alone."""
+    reqs = [("Question: Add 2 and 3.\nAnswer:", ["The answer is 5.", "7", "the number of the country"], " "),
+            ("Q: capital?\nA:", ["the", "and", "capital"], " "),
+            ("Add 10 and 20 and then tell me about the capital city. Answer: ", ["yes", "no"], " "),
+            ("", ["Add", "the city"], " ")]
+    one = [scoring.choice_logliks(loaded, c, ch, d) for c, ch, d in reqs]
+    for bs in (1, 3, 16):
+        got = scoring.batch_choice_logliks(loaded, reqs, bs)
+        for a, b in zip(one, got):
+            assert b == pytest.approx(a, abs=1e-4)
+    assert all(len(loaded.tokenizer(" " + c, add_special_tokens=False)["input_ids"]) == 1
+               for c in reqs[1][1])  # the one-token shortcut was exercised
+
+
 def test_encode_pair_moves_trailing_space(loaded):
     a = scoring.encode_pair(loaded.tokenizer, "Answer: ", "yes")
     b = scoring.encode_pair(loaded.tokenizer, "Answer:", " yes")
@@ -261,22 +277,23 @@ def test_eval_text_perplexity(tmp_path, tiny_model, monkeypatch):
 def test_interrupted_eval_keeps_the_cache_and_resumes(tmp_path, tiny_model, monkeypatch):
     monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
     mc, _ = _task_files(tmp_path)
-    real, calls = scoring.choice_logliks, []
+    real, calls = scoring.batch_choice_logliks, []
 
-    def interrupt_at_fifth(*a, **k):
-        calls.append(1)
-        if len(calls) == 5:
+    def interrupt_at_third_batch(loaded, requests, batch_size):
+        calls.append(len(requests))
+        if len(calls) == 3:
             raise KeyboardInterrupt
-        return real(*a, **k)
+        return real(loaded, requests, batch_size)
 
-    monkeypatch.setattr(scoring, "choice_logliks", interrupt_at_fifth)
+    monkeypatch.setattr(scoring, "batch_choice_logliks", interrupt_at_third_batch)
     out = tmp_path / "ev"
-    assert main(["eval", str(tiny_model), "--tasks", str(mc), "--out", str(out)]) == 130
+    args = ["eval", str(tiny_model), "--tasks", str(mc), "--out", str(out), "--batch-size", "2"]
+    assert main(args) == 130
     assert not (out / "results.json").exists()  # no half-written result
     calls.clear()
-    monkeypatch.setattr(scoring, "choice_logliks", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
-    assert main(["eval", str(tiny_model), "--tasks", str(mc), "--out", str(out)]) == 0
-    assert len(calls) == 12 - 4  # the 4 items scored before Ctrl-C came from the cache
+    monkeypatch.setattr(scoring, "batch_choice_logliks", lambda *a: (calls.append(len(a[1])), real(*a))[1])
+    assert main(args) == 0
+    assert sum(calls) == 12 - 4  # the 2 batches of 2 items scored before Ctrl-C came from the cache
     assert json.loads((out / "results.json").read_text())["tasks"]["add"]["items"] == 12
 
 

@@ -39,7 +39,8 @@ def add_parser(sub) -> None:
     p.add_argument("--fewshot", "--num_fewshot", "-k", type=int, default=None,
                    help="solved examples before each item (default: the task's own, as lm-eval's --num_fewshot)")
     p.add_argument("--seed", type=int, default=1234, help="few-shot sampling and bootstrap seed")
-    p.add_argument("--batch-size", type=int, default=16, help="generation batch size (generative tasks)")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="sequences per forward pass (multiple-choice scoring and generation)")
     p.add_argument("--out", help="folder for results.json (read by `tunelab report`)")
     p.add_argument("--no-cache", action="store_true")
 
@@ -83,20 +84,26 @@ def score_task(loaded, task, items, cache: Cache | None, batch_size: int, progre
     bar = progress.add_task(f"{task.name}", total=len(items))
     per: dict[str, list] = {}
     if task.kind == "multiple_choice":
-        for it in items:
-            ctx = wrap_context(loaded, task, it.context)
-            key = Cache.key("ll", fp, ctx, it.choices, task.target_delimiter)
-            lls = cache.get_raw(key) if cache else None
-            if lls is None:
-                lls = scoring.choice_logliks(loaded, ctx, it.choices, task.target_delimiter)
+        ctxs = [wrap_context(loaded, task, it.context) for it in items]
+        keys = [Cache.key("ll", fp, c, it.choices, task.target_delimiter) for c, it in zip(ctxs, items)]
+        found = [cache.get_raw(k) if cache else None for k in keys]
+        todo = [i for i, v in enumerate(found) if v is None]
+        progress.advance(bar, len(items) - len(todo))
+        for start in range(0, len(todo), batch_size):  # batch_size items per call, cached as each batch ends
+            chunk = todo[start:start + batch_size]
+            got = scoring.batch_choice_logliks(
+                loaded, [(ctxs[i], items[i].choices, task.target_delimiter) for i in chunk], batch_size)
+            for i, lls in zip(chunk, got):
+                found[i] = lls
                 if cache:
-                    cache.put_raw(key, "ll", lls)
+                    cache.put_raw(keys[i], "ll", lls)
+            progress.advance(bar, len(chunk))
+        for it, lls in zip(items, found):
             for k, v in scoring.score_choice(lls, it.choices, it.gold).items():
                 per.setdefault(k, []).append(v)
             per.setdefault("logliks", []).append(lls)
             per.setdefault("pred", []).append(max(range(len(lls)), key=lls.__getitem__))
             per.setdefault("gold", []).append(it.gold)
-            progress.advance(bar)
     elif task.kind == "generate":
         lm = task.lm_eval or {}
         params = GenParams(max_new_tokens=task.max_new_tokens, stop=list(task.stop), **lm.get("sampling", {}))
