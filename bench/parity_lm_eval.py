@@ -6,9 +6,9 @@
 Three task files are written (into --workdir) over the shared benchmark data, each in lm-eval's format:
 ARC-Easy (JSON lines, 0-shot), KoBEST-COPA (a .tsv with renamed columns, Jinja2 connector, 0-shot) and
 MMLU anatomy (a headerless CSV, test = val here, 2 shots first_n from dev). The *same files* go to lm-eval
-(`simple_evaluate` with a TaskManager on the folder, HFLM, batch 8) and to tunelab (`load_task_file`, the
-eval harness's scorer). For every item and choice the script compares the log-likelihoods, then the
-predictions and the task metrics; it exits 1 unless every log-likelihood is within 1e-3 and acc/acc_norm equal.
+(`simple_evaluate` with a TaskManager on the folder, HFLM, batch 8) and to tunelab (`load_task_file` and
+`batch_choice_logliks`, batch 8, what `tunelab eval` runs), both timed on the same items in one process.
+For every item and choice the script compares the log-likelihoods, then the predictions and the task metrics; it exits 1 unless every log-likelihood is within 1e-3 and acc/acc_norm equal.
 """
 
 from __future__ import annotations
@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--limit", type=int, default=40)
+    ap.add_argument("--batch-size", type=int, default=8, help="both sides (lm-eval's --batch_size)")
     ap.add_argument("--workdir", help="where the task YAMLs are written (default: a temporary folder)")
     ap.add_argument("--out", default="bench/results/parity_lm_eval.json")
     args = ap.parse_args(argv)
@@ -107,14 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     files = task_files(folder, bench)
     loaded = load_for_inference(args.model, dtype="float32", device="cpu")
-    lm = HFLM(pretrained=str(resolve_model(args.model)), dtype="float32", device="cpu", batch_size=8)
+    lm = HFLM(pretrained=str(resolve_model(args.model)), dtype="float32", device="cpu", batch_size=args.batch_size)
     report, ok = {}, True
     for f in files:
         t = load_task_file(f)
         k = t.num_fewshot
         items = t.with_fewshot(k)[: args.limit]
         t0 = time.perf_counter()
-        ours = [scoring.choice_logliks(loaded, it.context, it.choices, t.target_delimiter) for it in items]
+        ours = scoring.batch_choice_logliks(loaded, [(it.context, it.choices, t.target_delimiter) for it in items],
+                                            args.batch_size)  # what `tunelab eval` runs
         s_ours = time.perf_counter() - t0
         t0 = time.perf_counter()
         res = simple_evaluate(model=lm, tasks=[t.name], task_manager=TaskManager(include_path=str(folder)),
