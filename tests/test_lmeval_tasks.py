@@ -201,3 +201,24 @@ metric_list:
     lls = [scoring.loglik_greedy(loaded, f"Add {i} and {i}.", f" {2 * i}") for i in range(4)]
     assert lm["tiny_ll"]["perplexity,none"] == pytest.approx(math.exp(-sum(a for a, _ in lls) / 4), rel=1e-5)
     assert lm["tiny_ll"]["acc,none"] == sum(g for _, g in lls) / 4
+
+
+def test_local_folder_and_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "data").mkdir()
+    rows = [{"q": f"q{i}", "label": i % 2} for i in range(3)]
+    _jsonl(tmp_path / "data", "test.jsonl", rows)
+    _jsonl(tmp_path / "data", "train.jsonl", rows[:2])
+    body = "output_type: multiple_choice\ndoc_to_text: '{{q}}'\ndoc_to_choice: [a, b]\ndoc_to_target: label\n"
+    t = load_task_file(_write(tmp_path, "f.yaml", "task: f\ndataset_path: data\ntest_split: test\n"
+                              "training_split: train\n" + body))
+    assert [it.context for it in t.items] == ["q0", "q1", "q2"] and len(t.fewshot_pool) == 2  # shots from train
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    t = load_task_file(_write(tmp_path, "p.yaml", "task: p\ndataset_path: parquet\ndataset_kwargs: {data_files: "
+                              "{test: d.parquet}}\ntest_split: test\n" + body))
+    assert [it.gold for it in t.items] == [0, 1, 0]
+    with pytest.raises(TaskError, match=r"p.yaml:3: test_split 'validation' is not in the data \(splits: test\)"):
+        load_task_file(_write(tmp_path, "p.yaml", "task: p\ndataset_path: parquet\ntest_split: validation\n"
+                              "dataset_kwargs: {data_files: {test: d.parquet}}\n" + body))
