@@ -117,6 +117,7 @@ def test_gold_as_bool_index_text_and_choice_columns(tmp_path):
     ("metric_list:\n  - metric: acc\n    aggregation: median\n", r"g.yaml:7: aggregation 'median'"),
     ("fewshot_config:\n  sampler: first_n\n  samples: []\n", r"g.yaml:7: fewshot_config supports only sampler"),
     ("include: _default.yaml\n", r"g.yaml:7: lm-eval key 'include' is not supported"),
+    ("metric_list:\n  - metric: f1\n", r"g.yaml:7: metric f1 is supported as macro-F1"),
 ])
 def test_unsupported_keys_are_one_line_errors(tmp_path, tiny_model, capsys, extra, message):
     import re

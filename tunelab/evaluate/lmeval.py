@@ -264,7 +264,7 @@ def _filters(spec, at) -> list[tuple[str, list[dict]]]:
 
 def _metrics(spec, kind: str, at, opts: dict) -> list[str]:
     if spec is None:
-        return {"multiple_choice": ["acc"], "generate": ["exact_match"], "loglikelihood": ["perplexity", "acc"],
+        return {"multiple_choice": ["acc", "acc_norm"], "generate": ["exact_match"], "loglikelihood": ["perplexity", "acc"],
                 "perplexity": ["word_perplexity", "byte_perplexity", "bits_per_byte"]}[kind]
     out = []
     for m in spec:
@@ -275,6 +275,9 @@ def _metrics(spec, kind: str, at, opts: dict) -> list[str]:
         bad = set(m) - METRIC_KEYS
         if bad:
             raise TaskError(f"{at('metric_list')}: metric key '{sorted(bad)[0]}' is not supported")
+        if name == "f1" and m.get("average") != "macro":
+            raise TaskError(f"{at('metric_list')}: metric f1 is supported as macro-F1 (average: macro, KoBEST's); "
+                            "lm-eval's plain f1 (binary) is not")
         agg = m.get("aggregation", "mean")
         if name != "f1" and agg not in ("mean", "perplexity", "weighted_perplexity", "bits_per_byte"):
             raise TaskError(f"{at('metric_list')}: aggregation {agg!r} is not supported")
