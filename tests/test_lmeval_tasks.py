@@ -223,3 +223,22 @@ def test_local_folder_and_parquet(tmp_path):
     with pytest.raises(TaskError, match=r"p.yaml:3: test_split 'validation' is not in the data \(splits: test\)"):
         load_task_file(_write(tmp_path, "p.yaml", "task: p\ndataset_path: parquet\ntest_split: validation\n"
                               "dataset_kwargs: {data_files: {test: d.parquet}}\n" + body))
+
+
+def test_validation_split_delimiters_and_sampling(tmp_path):
+    _jsonl(tmp_path, "v.jsonl", [{"q": f"q{i}", "a": f"A{i}"} for i in range(3)])
+    t = load_task_file(_write(tmp_path, "v.yaml", """task: v
+dataset_path: json
+dataset_kwargs: {data_files: {validation: v.jsonl}}
+validation_split: validation
+output_type: generate_until
+doc_to_text: "Q: {{q}}"
+doc_to_target: "{{a}}"
+target_delimiter: " => "
+fewshot_delimiter: " ## "
+fewshot_config: {sampler: first_n}
+generation_kwargs: {until: "END", do_sample: true, temperature: 0.5}
+"""))
+    assert t.with_fewshot(1)[2].context == "Q: q0 => A0 ## Q: q2"  # shots from the scored split, never the item
+    assert t.stop == ["END"] and t.lm_eval["sampling"] == {"do_sample": True, "temperature": 0.5}
+    assert t.metrics == ["exact_match"] and t.items[1].target == "A1"
