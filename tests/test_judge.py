@@ -133,9 +133,14 @@ def test_endpoint_errors_are_one_line(endpoint, compare_dir, monkeypatch, tmp_pa
     assert main(["judge", str(compare_dir), "--judge-url", endpoint, "--api-key-env", "NOPE_UNSET_VAR"]) == 2
 
 
-def test_length_controlled_is_neutral_without_length_effect():
-    r = length_controlled([1, 0] * 20, [5, 5] * 20)
-    assert abs(r["lc_win_rate"][0] - 0.5) < 0.05
+def test_length_control_moves_the_win_rate_only_when_lengths_differ():
+    """B wins 16 of 20. With B always 50 characters longer, the win rate at equal length can't be credited to
+    B in full, so the controlled rate must move towards 50%; with equal lengths it must stay at the raw 80%."""
+    wins = [1] * 16 + [0] * 4
+    longer = length_controlled(wins, [50] * 20)["lc_win_rate"][0]
+    equal = length_controlled(wins, [0] * 20)["lc_win_rate"][0]
+    assert abs(equal - 0.8) < 0.01
+    assert 0.5 < longer < 0.75
 
 
 def test_compare_blind_and_local_judge(tmp_path, tiny_model, monkeypatch):
@@ -161,14 +166,37 @@ def test_compare_blind_and_local_judge(tmp_path, tiny_model, monkeypatch):
     assert r2.returncode == 0 and "revealed" in r2.stderr
     s = json.loads((out / "blind.json").read_text())
     assert s["n"] == 3 and s["ties"] == 1 and s["a_wins"] + s["b_wins"] == 2
-    # local judge path (the tiny model babbles: every item may be an error, but nothing is guessed)
+    # local judge: what it records is what the judge model writes for the judge prompt, and each verdict is
+    # what that text says (the tiny model babbles: an unparsable answer is an error, never a guess)
     assert main(["judge", str(out), "--judge", str(tiny_model), "--retries", "0"]) == 0
     j = json.loads((out / "judge_pairwise.json").read_text())
-    assert j["judged"] + j["errors"] == 3
+    from tunelab.evaluate.judge import PAIR_RE, SYSTEM_PAIR, USER_PAIR, LocalJudge
+
+    lj = LocalJudge(str(tiny_model))
+    r0 = rows[0]
+    assert j["items"][0]["raw"][0] == [lj(SYSTEM_PAIR, USER_PAIR.format(question=r0["prompt"], a=r0["a"], b=r0["b"]), 0)]
+    assert j["items"][0]["raw"][1] == [lj(SYSTEM_PAIR, USER_PAIR.format(question=r0["prompt"], a=r0["b"], b=r0["a"]), 0)]
+    for it in j["items"]:
+        found = [PAIR_RE.findall(raw[-1]) for raw in it["raw"]]
+        assert (it["winner"] == "error") == (not found[0] or not found[1])
+    assert j["errors"] == sum(it["winner"] == "error" for it in j["items"])
+
+    # a second comparison into the same folder must not inherit the first one's verdicts
+    again = ["compare", str(tiny_model), str(tiny_model), "--prompts", str(prompts), "--out", str(out),
+             "--max-new-tokens", "6"]
+    assert main(again) == 2
+    assert (out / "blind.jsonl").is_file() and (out / "judge_pairwise.json").is_file()  # refused: nothing touched
+    assert main(again + ["--overwrite"]) == 0
+    assert not any((out / f).exists() for f in ("blind.jsonl", "blind.json", "judge_pairwise.json"))
+    assert json.loads((out / "meta.json").read_text())["b"] == str(tiny_model)
+    r3 = subprocess.run([sys.executable, "-m", "tunelab", "blind", str(out)], input="q\n", text=True,
+                        capture_output=True, env=env)
+    assert r3.returncode == 0 and "0 already rated" in r3.stderr
 
 
 def test_blind_log_torn_last_line_is_dropped_other_bad_lines_named(tmp_path):
-    from tunelab.evaluate.compare import CompareError, read_ratings
+    from tunelab.evaluate.blind import read_ratings
+    from tunelab.evaluate.compare import CompareError
 
     log = tmp_path / "blind.jsonl"
     log.write_text('{"index": 0, "winner": "a"}\n{"index": 1, "winner": "tie"}\n{"index": 2, "win')

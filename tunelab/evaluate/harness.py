@@ -7,12 +7,19 @@ Every scored item is cached (see cache.py): Ctrl-C keeps what is done and a reru
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from ..cache import Cache, model_fingerprint
@@ -21,22 +28,33 @@ from ..fsutil import atomic_write_text
 from ..generate import GenParams, generate
 from ..ui import console
 from . import scoring
-from .stats import bootstrap_ci, bootstrap_ratio_ci, paired_diff_ci
+from .stats import (
+    bootstrap_ci,
+    bootstrap_ratio_ci,
+    bootstrap_stat,
+    paired_diff_ci,
+    paired_ratio_diff_ci,
+)
 from .tasks import Item, TaskError, load_task
 
-PRIMARY = {"multiple_choice": "acc", "generate": "exact_match", "perplexity": "loss"}
+PRIMARY = {"multiple_choice": "acc", "generate": "exact_match", "perplexity": "loss", "loglikelihood": "acc"}
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="benchmark one or more models / checkpoints on tasks")
-    p.add_argument("models", nargs="+", help="model specs, run folders or checkpoints (the first is the reference)")
-    p.add_argument("--tasks", "-t", required=True,
-                   help="comma-separated: arc_easy, arc_challenge, mmlu, mmlu_<subject>, kobest_{boolq,copa,hellaswag,"
-                        "sentineg,wic}, gsm8k, ppl:<instruction data file or .txt text>, or task .yaml files")
-    p.add_argument("--limit", type=int, help="first N items of each task")
-    p.add_argument("--fewshot", "-k", type=int, default=0, help="solved examples before each item")
+    p.add_argument("models", nargs="*", help="model specs, run folders or checkpoints (the first is the reference)")
+    p.add_argument("--tasks", "-t",
+                   help="comma-separated: arc_easy, arc_challenge, mmlu, mmlu_continuation, mmlu_<subject>, "
+                        "kobest_{boolq,copa,hellaswag,sentineg,wic}, gsm8k, ppl:<instruction data file or .txt text>, "
+                        "or task .yaml files (tunelab's or lm-evaluation-harness's format)")
+    p.add_argument("--list-tasks", action="store_true", help="list the built-in tasks (n, metrics, lm-eval task)")
+    p.add_argument("--limit", type=float,
+                   help="first N items of each task, or a fraction of each when < 1 (as lm-eval's --limit)")
+    p.add_argument("--fewshot", "--num_fewshot", "-k", type=int, default=None,
+                   help="solved examples before each item (default: the task's own, as lm-eval's --num_fewshot)")
     p.add_argument("--seed", type=int, default=1234, help="few-shot sampling and bootstrap seed")
-    p.add_argument("--batch-size", type=int, default=16, help="generation batch size (generative tasks)")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="sequences per forward pass (multiple-choice scoring and generation)")
     p.add_argument("--out", help="folder for results.json (read by `tunelab report`)")
     p.add_argument("--no-cache", action="store_true")
 
@@ -88,23 +106,52 @@ def score_task(loaded, task, items, cache: Cache | None, batch_size: int, progre
     bar = progress.add_task(f"{task.name}", total=len(items))
     per: dict[str, list] = {}
     if task.kind == "multiple_choice":
-        for it in items:
-            key = Cache.key("ll", fp, it.context, it.choices, task.target_delimiter)
-            lls = cache.get_raw(key) if cache else None
-            if lls is None:
-                lls = scoring.choice_logliks(loaded, it.context, it.choices, task.target_delimiter)
+        ctxs = [wrap_context(loaded, task, it.context) for it in items]
+        keys = [Cache.key("ll", fp, c, it.choices, task.target_delimiter) for c, it in zip(ctxs, items)]
+        found = [cache.get_raw(k) if cache else None for k in keys]
+        todo = [i for i, v in enumerate(found) if v is None]
+        progress.advance(bar, len(items) - len(todo))
+        for start in range(0, len(todo), batch_size):  # batch_size items per call, cached as each batch ends
+            chunk = todo[start:start + batch_size]
+            got = scoring.batch_choice_logliks(
+                loaded, [(ctxs[i], items[i].choices, task.target_delimiter) for i in chunk], batch_size)
+            for i, lls in zip(chunk, got):
+                found[i] = lls
                 if cache:
-                    cache.put_raw(key, "ll", lls)
+                    cache.put_raw(keys[i], "ll", lls)
+            progress.advance(bar, len(chunk))
+        for it, lls in zip(items, found):
             for k, v in scoring.score_choice(lls, it.choices, it.gold).items():
                 per.setdefault(k, []).append(v)
             per.setdefault("logliks", []).append(lls)
-            progress.advance(bar)
+            per.setdefault("pred", []).append(max(range(len(lls)), key=lls.__getitem__))
+            per.setdefault("gold", []).append(it.gold)
     elif task.kind == "generate":
-        params = GenParams(max_new_tokens=task.max_new_tokens, stop=list(task.stop))
+        lm = task.lm_eval or {}
+        params = GenParams(max_new_tokens=task.max_new_tokens, stop=list(task.stop), **lm.get("sampling", {}))
         outs = generate(loaded, [it.context for it in items], params, batch_size=batch_size, cache=cache,
                         template=None if task.template == "model" else "plain", on_result=lambda i, c: progress.advance(bar))
-        per["exact_match"] = [scoring.exact_match(o.text, it.target, task.regex) for o, it in zip(outs, items)]
+        if task.lm_eval is None:
+            per["exact_match"] = [scoring.exact_match(o.text, it.target, task.regex) for o, it in zip(outs, items)]
+        else:  # lm-eval task file: each filter pipeline, then HF evaluate's exact_match with the task's options
+            from .lmeval import apply_filter, exact_match
+
+            per["by_filter"] = {name: [exact_match(apply_filter(o.text, steps), it.target, **lm["em"])
+                                       for o, it in zip(outs, items)] for name, steps in lm["filters"] or [("none", [])]}
+            per["exact_match"] = next(iter(per["by_filter"].values()))
         per["outputs"] = [o.text for o in outs]
+    elif task.kind == "loglikelihood":
+        for it in items:
+            ctx = wrap_context(loaded, task, it.context)
+            key = Cache.key("llg", fp, ctx, task.target_delimiter + it.target)
+            got = cache.get_raw(key) if cache else None
+            if got is None:
+                got = list(scoring.loglik_greedy(loaded, ctx, task.target_delimiter + it.target))
+                if cache:
+                    cache.put_raw(key, "llg", got)
+            per.setdefault("loglik", []).append(got[0])
+            per.setdefault("acc", []).append(float(got[1]))
+            progress.advance(bar)
     else:
         nll, ntok = [], []
         for it in items:
@@ -124,29 +171,106 @@ def score_task(loaded, task, items, cache: Cache | None, batch_size: int, progre
     return per
 
 
+def wrap_context(loaded, task, context: str) -> str:
+    """`template: model`: the whole context (description and shots included) as one user turn of the run's
+    prompt template (a chat template for instruct models, as lighteval does); plain: the context as is."""
+    if task.template != "model":
+        return context
+    from ..generate import build_prompt
+
+    return build_prompt(loaded, context, None)
+
+
 def summarize(task, per: dict, seed: int) -> dict:
     if task.kind == "perplexity":
         loss, lo, hi = bootstrap_ratio_ci(per["nll"], per["tokens"], seed=seed)
-        import math
-
         return {"loss": [loss, lo, hi], "perplexity": [math.exp(loss), math.exp(lo), math.exp(hi)]}
-    metrics = ["acc", "acc_norm"] if task.kind == "multiple_choice" else ["exact_match"]
-    return {m: list(bootstrap_ci(per[m], seed=seed)) for m in metrics}
+    out = {}
+    for m in task.metrics:
+        if m == "perplexity":  # lm-eval's loglikelihood perplexity: exp(-mean log-likelihood)
+            out[m] = list(bootstrap_stat(lambda ll: math.exp(-sum(ll) / len(ll)), per["loglik"], seed=seed))
+        elif m == "f1":  # corpus-level macro-F1 (KoBEST's metric); CI by resampling items
+            out[m] = list(bootstrap_stat(scoring.macro_f1, per["gold"], per["pred"], seed=seed))
+        else:
+            out[m] = list(bootstrap_ci(per[m], seed=seed))
+    return out
+
+
+def lm_eval_metrics(task, per: dict, items) -> dict:
+    """The task's metrics as lm-eval prints them in its results JSON ("acc,none", "acc_stderr,none"): the mean and
+    its standard error (sample standard deviation / sqrt(n), lm-eval's mean_stderr); N/A where lm-eval has none."""
+    import statistics
+
+    out: dict = {"alias": task.name}
+    filt = "none"
+    if task.kind == "perplexity":  # lm-eval's loglikelihood_rolling metrics (weighted by words / bytes)
+        nll = sum(per["nll"])
+        words = sum(len(re.split(r"\s+", it.response)) for it in items)
+        nbytes = sum(len(it.response.encode("utf-8")) for it in items)
+        out.update({"word_perplexity,none": math.exp(nll / words), "word_perplexity_stderr,none": "N/A",
+                    "byte_perplexity,none": math.exp(nll / nbytes), "byte_perplexity_stderr,none": "N/A",
+                    "bits_per_byte,none": nll / nbytes / math.log(2), "bits_per_byte_stderr,none": "N/A",
+                    "token_perplexity,none": math.exp(nll / max(1, sum(per["tokens"]))),
+                    "token_perplexity_stderr,none": "N/A"})
+        return out
+    if "by_filter" in per:
+        for name, v in per["by_filter"].items():
+            out[f"exact_match,{name}"] = sum(v) / len(v)
+            out[f"exact_match_stderr,{name}"] = statistics.stdev(v) / math.sqrt(len(v)) if len(v) > 1 else "N/A"
+        return out
+    for m in task.metrics:
+        if m == "perplexity":
+            out["perplexity,none"] = math.exp(-sum(per["loglik"]) / len(per["loglik"]))
+            out["perplexity_stderr,none"] = "N/A"
+            continue
+        if m == "f1":
+            out[f"f1,{filt}"] = scoring.macro_f1(per["gold"], per["pred"])
+            out[f"f1_stderr,{filt}"] = "N/A"
+            continue
+        v = per[m]
+        out[f"{m},{filt}"] = sum(v) / len(v)
+        out[f"{m}_stderr,{filt}"] = statistics.stdev(v) / math.sqrt(len(v)) if len(v) > 1 else "N/A"
+    return out
+
+
+def list_tasks() -> int:
+    from .tasks import BUILTIN, bench_dir
+
+    table = Table(title=f"built-in tasks (data: {bench_dir()}; also mmlu_<subject>[_continuation], ':val' for MMLU's "
+                        f"validation split, ppl:FILE, task .yaml files)")
+    for c in ("task", "n", "k", "metrics", "what it is"):
+        table.add_column(c)
+    for name in sorted(BUILTIN):
+        try:
+            t = BUILTIN[name]()
+            table.add_row(name, str(len(t.items)), str(t.num_fewshot), ", ".join(t.metrics), t.about)
+        except TaskError as e:
+            table.add_row(name, "-", "-", "-", f"unavailable: {e}")
+    console.print(table)
+    return 0
 
 
 def cmd_eval(args) -> int:
     from ..models import load_for_inference
 
+    if args.list_tasks:
+        return list_tasks()
+    if not args.tasks or not args.models:
+        raise TaskError("give one or more models and --tasks (or --list-tasks)")
     tasks = resolve_tasks(args.tasks)  # unknown names and malformed files fail before any model loads
-    if args.limit is not None and args.limit <= 0:
-        raise TaskError(f"--limit must be > 0, got {args.limit}")
+    if args.limit is not None and (args.limit <= 0 or (args.limit > 1 and args.limit != int(args.limit))):
+        raise TaskError(f"--limit must be a whole number of items or a fraction in (0, 1], got {args.limit}")
     prepared = []
     for t in tasks:
         items = t.with_fewshot(args.fewshot, args.seed) if t.kind != "perplexity" else t.items
-        prepared.append((t, items[: args.limit] if args.limit else items))
+        if args.limit is not None:  # lm-eval: a limit < 1.0 is a fraction of the items, rounded up
+            items = items[: int(math.ceil(len(items) * args.limit)) if args.limit < 1.0 else int(args.limit)]
+        prepared.append((t, items))
     cache = None if args.no_cache else Cache()
-    results: dict = {"tasks": {t.name: {"kind": t.kind, "items": len(items), "fewshot": args.fewshot}
-                               for t, items in prepared}, "models": {}, "diffs": {}}
+    results: dict = {"tasks": {t.name: {"kind": t.kind, "items": len(items),
+                                        "fewshot": t.num_fewshot if args.fewshot is None else args.fewshot,
+                                        "about": t.about, "template": t.template}
+                               for t, items in prepared}, "models": {}, "diffs": {}, "lm_eval": {}}
     t0 = time.perf_counter()
     for spec in args.models:
         loaded = load_for_inference(spec)
@@ -157,6 +281,7 @@ def cmd_eval(args) -> int:
             for t, items in prepared:
                 per = score_task(loaded, t, items, cache, args.batch_size, progress)
                 results["models"][spec][t.name] = {"metrics": summarize(t, per, args.seed), "per_item": per}
+                results["lm_eval"].setdefault(spec, {})[t.name] = lm_eval_metrics(t, per, items)
         del loaded
     ref = args.models[0]
     for spec in args.models[1:]:
@@ -164,12 +289,11 @@ def cmd_eval(args) -> int:
             m = PRIMARY[t.kind]
             a = results["models"][ref][t.name]["per_item"]
             b = results["models"][spec][t.name]["per_item"]
-            if t.kind == "perplexity":
-                va = [n / k for n, k in zip(a["nll"], a["tokens"])]
-                vb = [n / k for n, k in zip(b["nll"], b["tokens"])]
+            if t.kind == "perplexity":  # the cell's own quantity: token-weighted loss, B's minus A's
+                diff = paired_ratio_diff_ci(a["nll"], a["tokens"], b["nll"], b["tokens"], seed=args.seed)
             else:
-                va, vb = a[m], b[m]
-            results["diffs"].setdefault(spec, {})[t.name] = {"metric": m, "diff": list(paired_diff_ci(va, vb, seed=args.seed))}
+                diff = paired_diff_ci(a[m], b[m], seed=args.seed)
+            results["diffs"].setdefault(spec, {})[t.name] = {"metric": m, "diff": list(diff)}
     results["seconds"] = round(time.perf_counter() - t0, 2)
     print_table(results, args.models)
     if args.out:

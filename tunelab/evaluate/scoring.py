@@ -63,6 +63,57 @@ def choice_logliks(loaded, context: str, choices: list[str], delimiter: str = " 
     return lls
 
 
+@torch.inference_mode()
+def batch_choice_logliks(loaded, requests: list[tuple[str, list[str], str]], batch_size: int = 16) -> list[list[float]]:
+    """choice_logliks for many items at once, as lm-eval batches them: every (context, choice) becomes one
+    sequence context + choice[:-1]; an item whose choices are all one token after the same context (MMLU's
+    letters) needs only its context (lm-eval's one-token shortcut). Sequences are sorted by length, left-padded
+    into batches of `batch_size` with position ids from the mask, and only the last positions' logits are
+    computed (`logits_to_keep`), so memory grows with the batch, not with batch x vocabulary x length."""
+    model, tok, dev = loaded.model, loaded.tokenizer, loaded.device
+    out = [[0.0] * len(choices) for _, choices, _ in requests]
+    seqs: list[tuple[list[int], list[tuple[int, int, list[int]]]]] = []
+    for r, (context, choices, delimiter) in enumerate(requests):
+        pairs = [encode_pair(tok, context, delimiter + c) for c in choices]
+        if all(p[0] == pairs[0][0] and len(p[1]) == 1 for p in pairs):
+            seqs.append((pairs[0][0], [(r, j, p[1]) for j, p in enumerate(pairs)]))
+        else:
+            seqs += [(ctx + cont[:-1], [(r, j, cont)]) for j, (ctx, cont) in enumerate(pairs)]
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    for start in range(0, len(order), batch_size):
+        chunk = [seqs[i] for i in order[start:start + batch_size]]
+        width = max(len(s) for s, _ in chunk)
+        keep = max(len(cont) for _, targets in chunk for _, _, cont in targets)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for b, (s, _) in enumerate(chunk):
+            ids[b, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[b, width - len(s):] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
+                       logits_to_keep=keep).logits
+        for b, (_, targets) in enumerate(chunk):
+            for r, j, cont in targets:  # the last len(cont) positions predict the continuation's tokens
+                n = len(cont)
+                logp = torch.log_softmax(logits[b, keep - n:].float(), dim=-1)
+                out[r][j] = float(logp[torch.arange(n, device=dev), torch.tensor(cont, device=dev)].sum())
+    return out
+
+
+@torch.inference_mode()
+def loglik_greedy(loaded, context: str, continuation: str) -> tuple[float, bool]:
+    """lm-eval's loglikelihood request: the continuation's summed log-probability after the context, and
+    whether greedy decoding would have produced exactly its tokens."""
+    ctx, cont = encode_pair(loaded.tokenizer, context, continuation)
+    dev = loaded.device
+    logits = loaded.model(input_ids=torch.tensor([ctx + cont[:-1]], device=dev)).logits[0]
+    logp = torch.log_softmax(logits[len(ctx) - 1:].float(), dim=-1)
+    target = torch.tensor(cont, device=dev)
+    ll = float(logp[torch.arange(len(cont), device=dev), target].sum())
+    return ll, bool((logp.argmax(-1) == target).all())
+
+
 def _full_loglik(model, ctx: list[int], cont: list[int], dev) -> float:
     ids = torch.tensor([ctx + cont[:-1]], device=dev)
     logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
@@ -135,3 +186,17 @@ def text_nll(loaded, text: str, max_len: int | None = None) -> tuple[float, int]
 
 def perplexity(nll_sum: float, tokens: int) -> float:
     return math.exp(nll_sum / max(1, tokens))
+
+
+def macro_f1(gold: list[int], pred: list[int]) -> float:
+    """Macro-averaged F1 over the labels seen in gold or pred, 0 for a label without true positives: what
+    sklearn's f1_score(average="macro") gives (lm-eval's kobest metric). Written out because scikit-learn is
+    not a tunelab dependency and this is six lines."""
+    labels = sorted(set(gold) | set(pred))
+    f1s = []
+    for c in labels:
+        tp = sum(g == c and p == c for g, p in zip(gold, pred))
+        fp = sum(g != c and p == c for g, p in zip(gold, pred))
+        fn = sum(g == c and p != c for g, p in zip(gold, pred))
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return sum(f1s) / len(f1s) if f1s else 0.0

@@ -34,3 +34,27 @@ def paired_diff_ci(a, b, n: int = 2000, seed: int = 0, level: float = 0.95) -> t
 def win_rate(outcomes, n: int = 2000, seed: int = 0) -> tuple[float, float, float]:
     """Outcomes 1 (win), 0 (loss), 0.5 (tie) -> win rate with a bootstrap interval."""
     return bootstrap_ci(outcomes, n, seed)
+
+
+def paired_ratio_diff_ci(num_a, den_a, num_b, den_b, n: int = 2000, seed: int = 0,
+                         level: float = 0.95) -> tuple[float, float, float]:
+    """sum(num_b)/sum(den_b) - sum(num_a)/sum(den_a) (e.g. the difference of token-weighted losses), with an
+    interval from resampling the same items for both (paired)."""
+    xa, ya, xb, yb = (np.asarray(v, dtype=float) for v in (num_a, den_a, num_b, den_b))
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, xa.size, size=(n, xa.size))
+    d = xb[idx].sum(axis=1) / yb[idx].sum(axis=1) - xa[idx].sum(axis=1) / ya[idx].sum(axis=1)
+    a = (1 - level) / 2
+    return float(xb.sum() / yb.sum() - xa.sum() / ya.sum()), float(np.quantile(d, a)), float(np.quantile(d, 1 - a))
+
+
+def bootstrap_stat(fn, *columns, n: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+    """(fn(*columns), low, high) for a corpus-level statistic (e.g. macro-F1), resampling items."""
+    cols = [np.asarray(c) for c in columns]
+    size = cols[0].size
+    if size == 0:
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    vals = [fn(*(c[idx].tolist() for c in cols)) for idx in rng.integers(0, size, size=(n, size))]
+    a = (1 - level) / 2
+    return float(fn(*(c.tolist() for c in cols))), float(np.quantile(vals, a)), float(np.quantile(vals, 1 - a))

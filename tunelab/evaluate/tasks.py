@@ -10,11 +10,11 @@ Prompt formats follow lm-evaluation-harness's tasks of the same name where one e
 from __future__ import annotations
 
 import csv
-import json
 import os
 import random
 import re
-from dataclasses import dataclass, field
+import string
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -34,7 +34,9 @@ class Item:
     choices: list[str] = field(default_factory=list)
     gold: int = 0
     target: str = ""
-    response: str = ""  # perplexity: the scored text
+    response: str = ""  # perplexity: the scored text; generate: a solved example's worked answer
+    description: str | None = None  # this item's description (MMLU over all subjects: its subject's)
+    pool: list[Item] | None = field(default=None, repr=False)  # this item's few-shot pool (MMLU: its dev split)
 
 
 @dataclass
@@ -49,25 +51,43 @@ class Task:
     regex: str = r"(-?[$0-9.,]{2,})|(-?[0-9]+)"
     max_new_tokens: int = 256
     stop: list[str] = field(default_factory=lambda: ["Question:", "\n\n"])
-    allow_fewshot: bool = True
-    template: str = "plain"  # generate: "plain" sends the context as is; "model" wraps it in the run's template
+    template: str = "plain"  # "plain" sends the context as is; "model" wraps it in the run's prompt template
+    sampler: str = "random"  # few-shot: "first_n" (lm-eval's first_n sampler) or a seeded draw per item
+    shots_from_items: bool = True  # no separate few-shot split: draw shots from the scored items (never the item)
+    no_shots_reason: str = ""  # why k-shot is refused when there is no pool
+    num_fewshot: int = 0  # the task's default k (lm-eval's num_fewshot), used when --fewshot is not given
+    metrics: list[str] = field(default_factory=list)
+    about: str = ""  # one line for --list-tasks and results.json: data, split, which lm-eval task it reproduces
+    lm_eval: dict | None = None  # set by lmeval.py for lm-eval task YAMLs: filters and exact_match options
 
-    def with_fewshot(self, k: int, seed: int = 1234) -> list[Item]:
-        """Items with k solved examples prepended, drawn with a fixed seed per item (never the item itself)."""
-        if k > 0 and not self.allow_fewshot:
-            raise TaskError(f"task {self.name} has no few-shot examples of its own; use its per-subject tasks")
-        if k <= 0:
-            return [Item(self.description + it.context, it.choices, it.gold, it.target, it.response) for it in self.items]
+    def __post_init__(self):
+        if not self.metrics:
+            self.metrics = {"multiple_choice": ["acc", "acc_norm"], "generate": ["exact_match"],
+                            "perplexity": ["loss", "perplexity"]}.get(self.kind, [])
+
+    def with_fewshot(self, k: int | None, seed: int = 1234) -> list[Item]:
+        """Items with k solved examples prepended (lm-eval's layout: description, shots joined by the few-shot
+        delimiter, then the item). Shots come from the item's own pool, else the task's few-shot split, else
+        (where allowed) the scored items; never the item itself. `first_n` takes the first k, as lm-eval's
+        first_n sampler; otherwise a fixed seeded draw per item."""
+        k = self.num_fewshot if k is None else k
         out = []
         for i, it in enumerate(self.items):
-            rng = random.Random(seed + i)
-            pool = [p for p in (self.fewshot_pool or self.items) if p is not it]
-            if len(pool) < k:
-                raise TaskError(f"task {self.name}: {k}-shot needs {k} examples, the pool has {len(pool)}")
-            shots = rng.sample(pool, k)
+            desc = self.description if it.description is None else it.description
+            if k <= 0:
+                out.append(replace(it, context=desc + it.context))
+                continue
+            pool = it.pool if it.pool is not None else (self.fewshot_pool or (self.items if self.shots_from_items
+                                                                              else []))
+            if not pool:
+                raise TaskError(f"task {self.name}: no few-shot examples"
+                                + (f" ({self.no_shots_reason})" if self.no_shots_reason else ""))
+            cands = [p for p in pool if p is not it]
+            if len(cands) < k:
+                raise TaskError(f"task {self.name}: {k}-shot needs {k} examples, the pool has {len(cands)}")
+            shots = cands[:k] if self.sampler == "first_n" else random.Random(seed + i).sample(cands, k)
             text = self.fewshot_delimiter.join(s.context + self.target_delimiter + self._answer(s) for s in shots)
-            out.append(Item(self.description + text + self.fewshot_delimiter + it.context, it.choices, it.gold,
-                            it.target, it.response))
+            out.append(replace(it, context=desc + text + self.fewshot_delimiter + it.context))
         return out
 
     def _answer(self, it: Item) -> str:
@@ -112,80 +132,125 @@ def arc(split: str) -> Task:
     rows = _read_jsonl(bench_dir() / "arc" / f"arc_{split}.jsonl")
     # lm-eval arc_easy: "Question: {q}\nAnswer:" + " " + choice; the stored query already starts with "Question: ".
     items = [Item(r["query"] + "\nAnswer:", list(r["choices"]), int(r["gold"])) for r in rows]
-    return Task(f"arc_{split}", "multiple_choice", items)
+    return Task(f"arc_{split}", "multiple_choice", items,
+                about=f"ARC-{split.capitalize()} test (llm-foundry copy); reproduces lm-eval arc_{split}; "
+                      "few-shot examples come from the test items (no train split here), never the item itself")
 
 
 MMLU_LETTERS = ["A", "B", "C", "D"]
 
 
-def _mmlu_rows(path: Path) -> list[Item]:
-    items = []
-    with path.open(encoding="utf-8", newline="") as f:
+def _mmlu_rows(path: Path) -> list[tuple[str, list[str], int]]:
+    out = []
+    with _need(path).open(encoding="utf-8", newline="") as f:
         for n, row in enumerate(csv.reader(f), 1):
             if len(row) != 6 or row[5].strip() not in MMLU_LETTERS:
                 raise TaskError(f"{path}:{n}: expected question,A,B,C,D,answer-letter")
             q, *opts, ans = row
-            text = q.strip() + "".join(f"\n{l}. {o}" for l, o in zip(MMLU_LETTERS, opts)) + "\nAnswer:"
-            items.append(Item(text, list(MMLU_LETTERS), MMLU_LETTERS.index(ans.strip())))
-    return items
+            out.append((q, opts, MMLU_LETTERS.index(ans.strip())))
+    return out
 
 
-def mmlu(subject: str | None = None) -> Task:
-    """All subjects (0-shot) or one subject (k-shot from its dev split), as lm-eval's `mmlu` tasks."""
+def _mmlu_item(q: str, opts: list[str], gold: int, cloze: bool) -> Item:
+    """lm-eval's mmlu doc_to_text ("{{question.strip()}}\nA. {{choices[0]}}...\nAnswer:", choices A-D) or
+    mmlu_continuation's ("Question: {{question.strip()}}\nAnswer:", the answer texts as choices)."""
+    if cloze:
+        return Item(f"Question: {q.strip()}\nAnswer:", list(opts), gold)
+    return Item(q.strip() + "".join(f"\n{l}. {o}" for l, o in zip(MMLU_LETTERS, opts)) + "\nAnswer:",
+                list(MMLU_LETTERS), gold)
+
+
+def mmlu(subject: str | None = None, cloze: bool = False, split: str = "test") -> Task:
+    """lm-eval's `mmlu` (letter) or `mmlu_continuation` (cloze): the test split, k shots = the first k of each
+    subject's dev split (fewshot_config sampler first_n), the subject's description before them."""
     root = bench_dir() / "mmlu"
-    subjects = sorted(p.name[: -len("_val.csv")] for p in _need(root / "val").glob("*_val.csv"))
-
-    def desc(s):
-        return f"The following are multiple choice questions (with answers) about {s.replace('_', ' ')}.\n\n"
-
+    suffix = "_continuation" if cloze else ""
+    name = (f"mmlu_{subject}" if subject else "mmlu") + suffix + (":val" if split == "val" else "")
+    if not (root / split).is_dir():
+        raise TaskError(f"task {name}: MMLU {split} split not found: {root / split} (lm-eval's mmlu scores the test "
+                        f"split: add test/<subject>_test.csv from hendrycks/test, or score the validation split "
+                        f"with '{name}:val', whose numbers are not lm-eval's)")
+    subjects = sorted(p.name[: -len(f"_{split}.csv")] for p in (root / split).glob(f"*_{split}.csv"))
     if subject is not None:
         if subject not in subjects:
             raise TaskError(f"unknown MMLU subject '{subject}' (known: {', '.join(subjects)})")
-        return Task(f"mmlu_{subject}", "multiple_choice", _mmlu_rows(root / "val" / f"{subject}_val.csv"),
-                    _mmlu_rows(root / "dev" / f"{subject}_dev.csv"), description=desc(subject))
+        subjects = [subject]
     items = []
     for s in subjects:
-        for it in _mmlu_rows(root / "val" / f"{s}_val.csv"):
-            it.context = desc(s) + it.context
+        about = "questions" if cloze else "multiple choice questions"
+        desc = f"The following are {about} (with answers) about {s.replace('_', ' ')}.\n\n"
+        dev = root / "dev" / f"{s}_dev.csv"
+        pool = [_mmlu_item(*r, cloze) for r in _mmlu_rows(dev)] if dev.is_file() else []
+        for r in _mmlu_rows(root / split / f"{s}_{split}.csv"):
+            it = _mmlu_item(*r, cloze)
+            it.description, it.pool = desc, pool
             items.append(it)
-    return Task("mmlu", "multiple_choice", items, allow_fewshot=False)
+    lm = (f"mmlu_{subject}" if subject else "mmlu") + suffix
+    return Task(name, "multiple_choice", items, sampler="first_n",
+                about=f"MMLU {split} ({len(subjects)} subject{'s' if len(subjects) > 1 else ''}, "
+                      f"{'cloze: answer texts' if cloze else 'letters A-D'}); shots: first k of the subject's dev; "
+                      + (f"reproduces lm-eval {lm}" if split == "test" else f"lm-eval {lm}'s format on val "
+                                                                             "(lm-eval scores test)"))
+
+
+KOBEST_DIRS = {"boolq": "BoolQ", "copa": "COPA", "hellaswag": "HellaSwag", "sentineg": "SentiNeg", "wic": "WiC"}
+
+
+def _kobest_item(name: str, r: dict) -> Item:
+    """lm-eval's kobest prompts (lm_eval/tasks/kobest/*.yaml and utils.py), over KoBEST_datarepo's TSV columns."""
+    if name == "boolq":  # doc_to_text "{{paragraph}} 질문: {{question}} 답변: "
+        return Item(f"{r['Text']} 질문: {r['Question']} 답변: ", ["아니오", "예"], _bool(r["Answer"]))
+    if name == "copa":  # f"{premise} {connector}", connector " 왜냐하면" / " 그래서" (so two spaces)
+        connector = {"원인": " 왜냐하면", "결과": " 그래서"}[r["question"].strip()]
+        return Item(f"{r['sentence']} {connector}", [r["1"], r["2"]], int(r["Answer"]) - 1)
+    if name == "hellaswag":  # query "문장: {context}", choices ending_1..4
+        return Item(f"문장: {r['context']}", [r[f"choice{i}"] for i in range(1, 5)], int(r["label"]))
+    if name == "sentineg":
+        return Item(f"문장: {r['Text']} 긍부정:", ["부정", "긍정"], int(r["Label"]))
+    return Item(f"문장1: {r['SENTENCE1']} 문장2: {r['SENTENCE2']} 두 문장에서 {r['Target']}가 같은 뜻으로 쓰였나?",
+                ["아니오", "예"], _bool(r["ANSWER"]))
+
+
+def _bool(v: str) -> int:
+    return int(v.strip().lower() == "true")
 
 
 def kobest(name: str) -> Task:
-    rows = _read_tsv(bench_dir() / "kobest" / {"boolq": "BoolQ", "copa": "COPA", "hellaswag": "HellaSwag",
-                                               "sentineg": "SentiNeg", "wic": "WiC"}[name] / "dev.tsv")
-    items = []
-    for r in rows:
-        if name == "boolq":
-            items.append(Item(f"{r['Text']} 질문: {r['Question']} 답변:", ["아니오", "예"],
-                              int(r["Answer"].strip().lower() == "true")))
-        elif name == "copa":
-            connector = {"원인": " 왜냐하면", "결과": " 그래서"}[r["question"].strip()]
-            items.append(Item(r["sentence"].strip().rstrip(".") + connector, [r["1"], r["2"]], int(r["Answer"]) - 1))
-        elif name == "hellaswag":
-            items.append(Item(r["context"], [r[f"choice{i}"] for i in range(1, 5)], int(r["label"])))
-        elif name == "sentineg":
-            items.append(Item(f"문장: {r['Text']} 긍부정:", ["부정", "긍정"], int(r["Label"])))
-        elif name == "wic":
-            items.append(Item(f"문장1: {r['SENTENCE1']} 문장2: {r['SENTENCE2']} 두 문장에서 {r['Target']}가 같은 뜻으로 "
-                              f"쓰였나?", ["아니오", "예"], int(r["ANSWER"].strip().lower() == "true")))
-    return Task(f"kobest_{name}", "multiple_choice", items)
+    folder = bench_dir() / "kobest" / KOBEST_DIRS[name]
+    split = "test" if (folder / "test.tsv").is_file() else "dev"
+    items = [_kobest_item(name, r) for r in _read_tsv(folder / f"{split}.tsv")]
+    return Task(f"kobest_{name}", "multiple_choice", items, metrics=["acc", "acc_norm", "f1"],
+                about=f"KoBEST {KOBEST_DIRS[name]} {split}.tsv; lm-eval kobest_{name}'s prompts, macro-F1 (KoBEST's "
+                      f"metric) beside acc" + ("" if split == "test" else "; lm-eval scores test, this folder has "
+                                                                         "only dev"))
 
 
 def gsm8k() -> Task:
-    rows = _read_jsonl(bench_dir() / "gsm8k" / "test.jsonl")
-    items = [Item(f"Question: {r['question']}\nAnswer:", target=r["answer"].split("####")[-1].strip().replace(",", ""),
-                  response=r["answer"]) for r in rows]
-    t = Task("gsm8k", "generate", items)
-    return t
+    """lm-eval's gsm8k: "Question: ...\nAnswer:", 5 shots from the train split with their worked answers. Shots never
+    come from the scored test set: without gsm8k/train.jsonl the task is 0-shot and k-shot is refused."""
+    root = bench_dir() / "gsm8k"
+
+    def items_of(path: Path) -> list[Item]:
+        return [Item(f"Question: {r['question']}\nAnswer:",
+                     target=r["answer"].split("####")[-1].strip().replace(",", ""), response=r["answer"])
+                for r in _read_jsonl(path)]
+
+    train = root / "train.jsonl"
+    pool = items_of(train) if train.is_file() else []
+    return Task("gsm8k", "generate", items_of(root / "test.jsonl"), pool, shots_from_items=False,
+                num_fewshot=5 if pool else 0, no_shots_reason=f"lm-eval's gsm8k takes them from the train split; "
+                f"{train} not found, and shots from the test set would leak into the scored set",
+                about="GSM8K test; prompt and 5-shot default of lm-eval gsm8k (shots from train.jsonl when present, "
+                      "else 0-shot); flexible numeric extraction of the last number")
 
 
 BUILTIN = {
     "arc_easy": lambda: arc("easy"),
     "arc_challenge": lambda: arc("challenge"),
     "mmlu": lambda: mmlu(),
+    "mmlu_continuation": lambda: mmlu(cloze=True),
     "gsm8k": gsm8k,
-    **{f"kobest_{n}": (lambda n=n: kobest(n)) for n in ("boolq", "copa", "hellaswag", "sentineg", "wic")},
+    **{f"kobest_{n}": (lambda n=n: kobest(n)) for n in KOBEST_DIRS},
 }
 TASK_FILE_KEYS = {"name", "kind", "path", "context", "choices", "gold", "target", "response", "target_delimiter",
                   "description", "regex", "max_new_tokens", "stop", "fewshot_path", "template"}
@@ -207,19 +272,70 @@ def _fmt(template, row: dict, where: str):
         raise TaskError(f"{where}: no field {e} (has: {', '.join(row)})") from None
 
 
+TEMPLATE_FIELDS = ("context", "choices", "gold", "target", "response")
+
+
+def _check_template(value, where: str, key: str) -> None:
+    """Refuse what str.format would render silently wrong: a YAML mapping (an unquoted `{query}`), a Python
+    expression (`{query.strip()}` renders '<built-in method strip...>'), `{{query}}` (renders a literal
+    '{query}'), a conversion or format spec. tunelab's own format takes {field} and nothing else."""
+    if isinstance(value, list):
+        for v in value:
+            _check_template(v, where, key)
+        return
+    if isinstance(value, dict):
+        raise TaskError(f"{where}: field '{key}' is a YAML mapping ({value}); quote the template: "
+                        f'{key}: "{{{next(iter(value), "field")}}}"')
+    if not isinstance(value, str):
+        if isinstance(value, (int, float, bool)) and key in ("gold", "target"):
+            return
+        raise TaskError(f"{where}: field '{key}' must be a template string, got {type(value).__name__}")
+    if "{{" in value or "}}" in value:
+        raise TaskError(f"{where}: field '{key}' has {{{{...}}}} (Jinja2/lm-eval syntax, which this format would "
+                        f"render as a literal '{{...}}'); write {{field}}, or use lm-eval's doc_to_text keys")
+    try:
+        parts = list(string.Formatter().parse(value))
+    except ValueError as e:
+        raise TaskError(f"{where}: field '{key}': malformed template {value!r} ({e})") from None
+    for _, name, spec, conv in parts:
+        if name is not None and (not re.fullmatch(r"\w+", name) or spec or conv):
+            raise TaskError(f"{where}: field '{key}': '{{{name}{'!' + conv if conv else ''}{':' + spec if spec else ''}}}' "
+                            f"is not a field name; this format takes {{field}} only (for expressions such as "
+                            f".strip() write the task in lm-eval's format: doc_to_text is Jinja2)")
+
+
+LM_EVAL_MARKERS = {"task", "dataset_path", "doc_to_text", "output_type", "doc_to_choice", "doc_to_target"}
+
+
+def key_lines(text: str) -> dict[str, int]:
+    """Line number of each top-level key (the first occurrence), for file:line errors."""
+    out: dict[str, int] = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        m = re.match(r"""["']?([A-Za-z_][\w-]*)["']?\s*:""", line)
+        if m and m.group(1) not in out:
+            out[m.group(1)] = n
+    return out
+
+
 def load_task_file(path: Path) -> Task:
     """A YAML task: kind, path (jsonl/json/csv relative to the file), and format strings over row fields."""
     from ..data.sources import DataError, read_rows
 
     text = _need(path).read_text(encoding="utf-8")
     try:
-        spec = yaml.safe_load(text)
+        from .lmeval import yaml_loader
+
+        spec = yaml.load(text, Loader=yaml_loader())  # safe_load, plus lm-eval's !function tag (refused later)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         raise TaskError(f"{path}:{mark.line + 1 if mark else 1}: malformed YAML ({getattr(e, 'problem', e)})") from None
     if not isinstance(spec, dict):
         raise TaskError(f"{path}: a task file must be a mapping")
-    lines = {k: n + 1 for n, line in enumerate(text.splitlines()) for k in [line.split(":")[0].strip()] if k}
+    lines = key_lines(text)
+    if LM_EVAL_MARKERS & set(spec):
+        from .lmeval import load_lm_eval_task
+
+        return load_lm_eval_task(path, spec, lines)
     for k in spec:
         if k not in TASK_FILE_KEYS:
             raise TaskError(f"{path}:{lines.get(k, 1)}: unknown key '{k}' (known: {', '.join(sorted(TASK_FILE_KEYS))})")
@@ -230,6 +346,12 @@ def load_task_file(path: Path) -> Task:
               "perplexity": ("path", "context", "response")}[kind]:
         if k not in spec:
             raise TaskError(f"{path}: missing key '{k}' for a {kind} task")
+    for k in TEMPLATE_FIELDS:
+        if k in spec:
+            _check_template(spec[k], f"{path}:{lines.get(k, 1)}", k)
+    if kind == "perplexity" and "template" in spec:
+        raise TaskError(f"{path}:{lines.get('template', 1)}: a perplexity task always scores the response after the "
+                        "run's prompt template; remove 'template'")
     data = path.parent / spec["path"]
 
     def items_of(data_path: Path) -> list[Item]:
@@ -273,11 +395,20 @@ def load_task_file(path: Path) -> Task:
 
 
 def load_task(name: str) -> Task:
-    """A built-in name (`arc_easy`, `mmlu`, `mmlu_<subject>`, `kobest_copa`, `gsm8k`, ...) or a YAML file."""
+    """A built-in name (`arc_easy`, `mmlu`, `mmlu_continuation`, `mmlu_<subject>[_continuation]`, with `:val` for
+    MMLU's validation split, `kobest_copa`, `gsm8k`, ...) or a task YAML file (tunelab's or lm-eval's format)."""
     if name.endswith((".yaml", ".yml")):
         return load_task_file(Path(name))
     if name in BUILTIN:
         return BUILTIN[name]()
-    if name.startswith("mmlu_"):
-        return mmlu(name[len("mmlu_"):])
-    raise TaskError(f"unknown task '{name}' (known: {', '.join(sorted(BUILTIN))}, mmlu_<subject>, or a task .yaml file)")
+    base, _, split = name.partition(":")
+    if base == "mmlu" or base.startswith("mmlu_"):
+        if split not in ("", "val"):
+            raise TaskError(f"task {name}: MMLU splits are test (the default) and val ('{base}:val')")
+        cloze = base.endswith("_continuation")
+        subject = base[len("mmlu_"):len(base) - len("_continuation") * cloze] if base != "mmlu" else None
+        if subject == "":
+            subject = None
+        return mmlu(subject, cloze, split or "test")
+    raise TaskError(f"unknown task '{name}' (known: {', '.join(sorted(BUILTIN))}, mmlu_<subject>, "
+                    f"mmlu_<subject>_continuation, or a task .yaml file; `tunelab eval --list-tasks` lists them)")
