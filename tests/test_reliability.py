@@ -129,6 +129,42 @@ def test_nan_loss_stops_without_saving_bad_weights(tmp_path, tiny_config, capsys
         assert all(t.isfinite().all() for t in w.values()), f"{ck.name} holds non-finite weights"
 
 
+@pytest.mark.parametrize("max_grad_norm", ["0", "1.0"])
+def test_nonfinite_gradient_never_reaches_the_weights(tmp_path, tiny_config, capsys, monkeypatch, max_grad_norm):
+    """A nan gradient with a finite loss (poisoned at the 3rd backward) stops the run before
+    optimizer.step(), whether or not the Trainer clips (it only clips when max_grad_norm > 0)."""
+    import tunelab.train as train
+
+    real = train.build_model
+
+    def poisoned(s):
+        model = real(s)
+        p = next(p for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n)
+        calls = [0]
+
+        def hook(g):
+            calls[0] += 1
+            return g * float("nan") if calls[0] == 3 else g
+
+        p.register_hook(hook)
+        return model
+
+    monkeypatch.setattr(train, "build_model", poisoned)
+    out = tmp_path / "run"
+    code = main(["train", str(tiny_config), "--output", str(out), "--set", "data.test_size=0",
+                 "--set", "train.max_steps=5", "--set", "train.save_steps=1", "--set", f"train.max_grad_norm={max_grad_norm}"])
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    line = [l for l in err.splitlines() if "error:" in l][-1]
+    assert "gradient norm is nan at step 3" in line and "last good checkpoint: checkpoint-2" in line, line
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert not (out / "final").exists()
+    _assert_complete_checkpoints(out)
+    for ck in out.glob("checkpoint-*"):
+        w = load_file(ck / "adapter_model.safetensors")
+        assert all(t.isfinite().all() for t in w.values()), f"{ck.name} holds non-finite weights"
+
+
 def _mount_tmpfs(path: Path, size_kib: int) -> bool:
     path.mkdir(parents=True, exist_ok=True)
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(path)], capture_output=True)
