@@ -89,7 +89,8 @@ def convert_gguf(gguf: Path, label: str | None = None) -> Path:
     return target
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the HF hub (or HF_ENDPOINT) answers; False when offline mode is set."""
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return False
     from urllib.parse import urlparse
@@ -125,7 +126,7 @@ def resolve_model(spec: str, revision: str | None = None) -> Path:
         return Path(snapshot_download(spec, revision=revision, allow_patterns=patterns, local_files_only=True))
     except Exception:
         pass
-    if not _hub_reachable():
+    if not hub_reachable():
         raise ModelError(f"model: '{spec}' is not in the local Hugging Face cache and the hub is unreachable "
                          f"(offline). Download it on a connected machine and set model.name to its local folder.")
     try:

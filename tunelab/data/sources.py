@@ -149,12 +149,12 @@ def read_rows(spec: str, split: str = "train", base: Path | None = None) -> list
 def _read_hub(repo_id: str, split: str) -> list[dict]:
     import datasets
 
-    from ..models import _hub_reachable
+    from ..models import hub_reachable
 
     try:
         ds = datasets.load_dataset(repo_id, split=split, download_mode="reuse_dataset_if_exists")
     except Exception as e:
-        if not _hub_reachable():
+        if not hub_reachable():
             raise DataError(f"data.path: '{repo_id}' is not a local file and the hub is unreachable (offline); "
                             f"download it elsewhere and point data.path at the file") from None
         raise DataError(f"data.path: can't load hub dataset '{repo_id}' ({str(e).splitlines()[0][:160]})") from None
