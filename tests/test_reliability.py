@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import shlex
 import signal
 import subprocess
 import sys
@@ -92,8 +93,8 @@ def test_kill9_at_random_moments_then_resume_equals_uninterrupted(tmp_path, tiny
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_saves_checkpoint_and_exits(tmp_path, tiny_config, sig, code):
     out = tmp_path / "run"
-    p = subprocess.Popen(_cmd(tiny_config, out, "data.test_size=0", "train.max_steps=100000",
-                              "train.save_steps=100000", "train.logging_steps=50"),
+    sets = ["data.test_size=0", "train.max_steps=100000", "train.save_steps=100000", "train.logging_steps=50"]
+    p = subprocess.Popen(_cmd(tiny_config, out, *sets),
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "tensorboard").exists():
@@ -105,8 +106,12 @@ def test_signal_saves_checkpoint_and_exits(tmp_path, tiny_config, sig, code):
     assert p.returncode == code, err[-2000:]
     last_line = err.strip().splitlines()[-1]
     assert "--resume" in last_line and "Traceback" not in err
+    # the hint is the interrupted command: following it resumes the same run (same --set flags)
+    hint = shlex.split(last_line.split("Resume with: ", 1)[1])
+    assert hint == ["tunelab", "train", str(tiny_config), "--output", str(out)] + sum([["--set", s] for s in sets], []) \
+        + ["--resume"], last_line
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["status"] == "interrupted"
+    assert summary["status"] == "interrupted" and summary["early_stopped"] is False
     step = summary["global_step"]
     assert step > 0 and (out / f"checkpoint-{step}" / "adapter_model.safetensors").is_file()
     _assert_complete_checkpoints(out)

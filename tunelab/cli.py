@@ -103,9 +103,19 @@ def cmd_train(args) -> int:
     if summary.get("status") == "interrupted":
         code = 143 if summary.get("signal") == "SIGTERM" else 130
         print(f"tunelab train: interrupted ({summary['signal']}) at step {summary['global_step']}; checkpoint saved. "
-              f"Resume with: tunelab train {args.config} --output {out} --resume", file=sys.stderr)
+              f"Resume with: {resume_command(args, out)}", file=sys.stderr)
         return code
     return 0
+
+
+def resume_command(args, out: Path) -> str:
+    """The interrupted `tunelab train` command with --resume: same config, same --set flags."""
+    import shlex
+
+    cmd = ["tunelab", "train", args.config, "--output", str(out)]
+    for o in args.overrides:
+        cmd += ["--set", o]
+    return shlex.join(cmd + ["--resume"])
 
 
 def launch_accelerate(args, out: Path) -> int:
