@@ -34,3 +34,56 @@ def test_two_processes_match_one(tmp_path, tiny_config):
     assert json.loads((two / "summary.json").read_text())["global_step"] == 4
     assert not [p for p in two.iterdir() if p.name.startswith(".")]
     assert os.environ.get("RANK") is None
+
+
+def _varied_rows(path, n=48, seed=0):
+    """Rows of very different lengths, so that data.pack_max_tokens splits each rank's share of a
+    step into a different number of pieces."""
+    import random
+
+    rng = random.Random(seed)
+    path.write_text("\n".join(json.dumps({"instruction": f"Add {rng.randint(1, 50)} and {rng.randint(1, 50)}.",
+                                          "input": "", "output": " ".join(["the answer is"] * rng.randint(1, 10))})
+                              for _ in range(n)) + "\n")
+    return path
+
+
+def _train_bounded(argv, bound_s):
+    """`tunelab train` in its own process group; a run over `bound_s` seconds (a hang) fails the test."""
+    import signal
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-m", "tunelab", "train"] + argv, start_new_session=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        _, err = p.communicate(timeout=bound_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+        raise AssertionError(f"tunelab train {' '.join(argv)} took more than {bound_s}s (hang)") from None
+    assert p.returncode == 0, err.decode()[-3000:]
+
+
+def test_packed_uneven_splits_two_processes_match_one(tmp_path, tiny_config):
+    """issue 15.1: with packing, each rank splits its share of a step by pack_max_tokens into its own
+    number of pieces; only the last piece syncs gradients, so the ranks never wait on each other's
+    extra collectives (before: a deadlock), and the result equals one process."""
+    from safetensors.torch import load_file
+
+    data = _varied_rows(tmp_path / "varied.jsonl")
+    common = ["--set", f"data.path={data}", "--set", "data.test_size=0", "--set", "data.packing=true",
+              "--set", "data.pack_max_tokens=170", "--set", "train.max_steps=3", "--set", "train.save_steps=3",
+              "--set", "train.gradient_accumulation_steps=2", "--set", "train.eval_steps=100"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    _train_bounded([str(tiny_config), "--output", str(one), "--set", "train.per_device_train_batch_size=4"] + common, 240)
+    _train_bounded([str(tiny_config), "--output", str(two), "--set", "train.per_device_train_batch_size=2",
+                    "--launcher", "accelerate", "--num-processes", "2"] + common, 300)
+    a = [h["loss"] for h in json.loads((one / "checkpoint-3" / "trainer_state.json").read_text())["log_history"]
+         if "loss" in h]
+    b = [h["loss"] for h in json.loads((two / "checkpoint-3" / "trainer_state.json").read_text())["log_history"]
+         if "loss" in h]
+    assert len(a) == len(b) == 3 and max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
+    wa = load_file(one / "final" / "adapter_model.safetensors")
+    wb = load_file(two / "final" / "adapter_model.safetensors")
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
