@@ -87,3 +87,50 @@ def test_packed_uneven_splits_two_processes_match_one(tmp_path, tiny_config):
     wa = load_file(one / "final" / "adapter_model.safetensors")
     wb = load_file(two / "final" / "adapter_model.safetensors")
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
+
+
+def test_sigterm_to_tunelab_stops_launcher_and_every_rank(tmp_path, tiny_config):
+    """issue 15.5: SIGTERM to `tunelab train --launcher accelerate` (as a process manager sends it, to
+    that process alone) reaches every rank: they finish the step, checkpoint together and exit; the
+    launcher and the ranks are gone, and the hint resumes with the same launcher."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    out = tmp_path / "run"
+    sets = ["data.test_size=0", "train.max_steps=100000", "train.save_steps=100000", "train.logging_steps=50"]
+    argv = [sys.executable, "-m", "tunelab", "train", str(tiny_config), "--output", str(out),
+            "--launcher", "accelerate", "--num-processes", "2"] + sum([["--set", s] for s in sets], [])
+    p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    family = []
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and p.poll() is None and not (out / "tensorboard").exists():
+            time.sleep(0.1)
+        time.sleep(2.0)
+        family = psutil.Process(p.pid).children(recursive=True)
+        ranks = [c for c in family if "tunelab" in " ".join(c.cmdline()) and "launch" not in " ".join(c.cmdline())]
+        assert len(ranks) == 2, [c.cmdline() for c in family]
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=180)
+        err = err.decode()
+        assert p.returncode == 143, err[-3000:]
+        _, alive = psutil.wait_procs(family, timeout=30)
+        assert not alive, [c.cmdline() for c in alive]
+    finally:
+        for c in family + [psutil.Process(p.pid)] if p.poll() is None else family:
+            try:
+                c.kill()
+            except psutil.NoSuchProcess:
+                pass
+    last = err.strip().splitlines()[-1]
+    assert "--launcher accelerate --num-processes 2" in last and last.endswith("--resume"), last
+    assert "Traceback" not in err, err[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["signal"] == "SIGTERM"
+    step = summary["global_step"]
+    assert step > 0 and (out / f"checkpoint-{step}" / "trainer_state.json").is_file()
+    assert not (out / "final").exists()

@@ -90,3 +90,16 @@ def test_eval_on_start_gives_loss_before_and_after(tmp_path, tiny_config, capsys
     s = json.loads((out / "summary.json").read_text())
     assert s["first_eval_step"] == 0 and s["eval_loss"] < s["first_eval_loss"]  # lr 1e-3 on a random model
     assert f"eval loss {s['first_eval_loss']} at step 0 -> {s['eval_loss']}" in " ".join(capsys.readouterr().err.split())
+
+
+def test_collective_timeout_reaches_the_process_group(tmp_path, monkeypatch):
+    """`tunelab train --launcher ... --collective-timeout N` passes N to the ranks' process group."""
+    import torch
+
+    from tunelab.cli import COLLECTIVE_TIMEOUT
+    from tunelab.config import RunConfig
+    from tunelab.train import training_arguments
+
+    monkeypatch.setenv(COLLECTIVE_TIMEOUT, "42")
+    args = training_arguments(RunConfig(), tmp_path, "cpu", torch.float32, has_eval=False)
+    assert args.ddp_timeout == 42 and args.ddp_timeout_delta.total_seconds() == 42

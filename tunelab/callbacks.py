@@ -56,7 +56,18 @@ class StopOnSignal(TrainerCallback):
                       f"step, then stopping (Ctrl-C again aborts without saving)")
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.signum is not None:
+        signum = self.signum or 0
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            # The ranks get a signal at slightly different moments: agree (one tiny all-reduce per step)
+            # so that all of them stop after the same step, and all save the checkpoint together.
+            from accelerate import PartialState
+
+            t = torch.tensor([signum], dtype=torch.int64, device=PartialState().device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            signum = int(t.item())
+        if signum:
+            self.signum = signum
             control.should_save = True
             control.should_training_stop = True
 

@@ -140,6 +140,8 @@ def training_arguments(cfg: RunConfig, out: Path, device: str, dtype: torch.dtyp
         report_to=list(t.report_to),
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=t.dataloader_num_workers,
+        # under a launcher: a rank waiting longer than this on the others ends the run (tunelab train --collective-timeout)
+        ddp_timeout=int(os.environ.get("TUNELAB_COLLECTIVE_TIMEOUT", "600")),
         remove_unused_columns=False,
         load_best_model_at_end=early,
         metric_for_best_model="eval_loss" if early else None,
@@ -311,6 +313,11 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, config_dir: Path | N
     except Exception as e:
         if (out / STAGING).exists():
             raise save_failed(e, out, main) from None
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and _is_collective_failure(e):
+            raise TrainingError(f"process {os.environ.get('RANK', '?')} stopped: waiting on the other processes "
+                                f"failed ({str(e).splitlines()[0][:160]}); a collective waits at most "
+                                f"{args.ddp_timeout}s (tunelab train --collective-timeout). Another process "
+                                f"died or hangs: see its message above") from None
         raise
     finally:
         for sig, h in previous.items():
@@ -343,6 +350,11 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, config_dir: Path | N
     if main:
         atomic_write_text(out / SUMMARY, json.dumps(summary, indent=2))
     return summary
+
+
+def _is_collective_failure(e: BaseException) -> bool:
+    text = str(e).lower()
+    return any(k in text for k in ("timed out", "timeout", "connection closed by peer", "connection reset"))
 
 
 def save_failed(e: Exception, out: Path, main: bool) -> TrainingError:
