@@ -48,21 +48,24 @@ def _varied_rows(path, n=48, seed=0):
     return path
 
 
-def _train_bounded(argv, bound_s):
-    """`tunelab train` in its own process group; a run over `bound_s` seconds (a hang) fails the test."""
-    import signal
+def _train_bounded(argv, bound_s, tmp_path):
+    """`tunelab train`; a run over `bound_s` seconds (a hang) fails the test, and all its processes are
+    killed (the ranks live in sessions of their own, so the whole tree is collected first)."""
     import subprocess
     import sys
 
-    p = subprocess.Popen([sys.executable, "-m", "tunelab", "train"] + argv, start_new_session=True,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        _, err = p.communicate(timeout=bound_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.communicate()
-        raise AssertionError(f"tunelab train {' '.join(argv)} took more than {bound_s}s (hang)") from None
-    assert p.returncode == 0, err.decode()[-3000:]
+    from tunelab.cli import kill_tree
+
+    log = tmp_path / "stderr.log"
+    with open(log, "wb") as err:  # a file, not a pipe: a stuck rank holding a pipe can't block the test
+        p = subprocess.Popen([sys.executable, "-m", "tunelab", "train"] + argv, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            p.wait(timeout=bound_s)
+        except subprocess.TimeoutExpired:
+            kill_tree(p.pid)
+            p.wait()
+            raise AssertionError(f"tunelab train {' '.join(argv)} took more than {bound_s}s (hang)") from None
+    assert p.returncode == 0, log.read_text()[-3000:]
 
 
 def test_packed_uneven_splits_two_processes_match_one(tmp_path, tiny_config):
@@ -76,9 +79,10 @@ def test_packed_uneven_splits_two_processes_match_one(tmp_path, tiny_config):
               "--set", "data.pack_max_tokens=170", "--set", "train.max_steps=3", "--set", "train.save_steps=3",
               "--set", "train.gradient_accumulation_steps=2", "--set", "train.eval_steps=100"]
     one, two = tmp_path / "one", tmp_path / "two"
-    _train_bounded([str(tiny_config), "--output", str(one), "--set", "train.per_device_train_batch_size=4"] + common, 240)
+    _train_bounded([str(tiny_config), "--output", str(one), "--set", "train.per_device_train_batch_size=4"] + common, 240,
+                   tmp_path)
     _train_bounded([str(tiny_config), "--output", str(two), "--set", "train.per_device_train_batch_size=2",
-                    "--launcher", "accelerate", "--num-processes", "2"] + common, 300)
+                    "--launcher", "accelerate", "--num-processes", "2"] + common, 300, tmp_path)
     a = [h["loss"] for h in json.loads((one / "checkpoint-3" / "trainer_state.json").read_text())["log_history"]
          if "loss" in h]
     b = [h["loss"] for h in json.loads((two / "checkpoint-3" / "trainer_state.json").read_text())["log_history"]
@@ -104,7 +108,9 @@ def test_sigterm_to_tunelab_stops_launcher_and_every_rank(tmp_path, tiny_config)
     sets = ["data.test_size=0", "train.max_steps=100000", "train.save_steps=100000", "train.logging_steps=50"]
     argv = [sys.executable, "-m", "tunelab", "train", str(tiny_config), "--output", str(out),
             "--launcher", "accelerate", "--num-processes", "2"] + sum([["--set", s] for s in sets], [])
-    p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = tmp_path / "stderr.log"
+    errf = open(log, "wb")  # a file, not a pipe: orphaned ranks holding a pipe would block the test
+    p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=errf)
     family = []
     try:
         deadline = time.time() + 300
@@ -115,12 +121,13 @@ def test_sigterm_to_tunelab_stops_launcher_and_every_rank(tmp_path, tiny_config)
         ranks = [c for c in family if "tunelab" in " ".join(c.cmdline()) and "launch" not in " ".join(c.cmdline())]
         assert len(ranks) == 2, [c.cmdline() for c in family]
         p.send_signal(signal.SIGTERM)
-        _, err = p.communicate(timeout=180)
-        err = err.decode()
+        p.wait(timeout=180)
+        err = log.read_text()
         assert p.returncode == 143, err[-3000:]
         _, alive = psutil.wait_procs(family, timeout=30)
         assert not alive, [c.cmdline() for c in alive]
     finally:
+        errf.close()
         for c in family + [psutil.Process(p.pid)] if p.poll() is None else family:
             try:
                 c.kill()

@@ -128,6 +128,21 @@ def resume_command(args, out: Path) -> str:
     return shlex.join(cmd + ["--resume"])
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants (torch's launcher starts each rank in its own session,
+    so a process-group kill would miss them)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = root.children(recursive=True) + [root]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+
+
 LAUNCHED = "TUNELAB_LAUNCHED"  # set in the ranks that launch_accelerate starts
 COLLECTIVE_TIMEOUT = "TUNELAB_COLLECTIVE_TIMEOUT"  # seconds; read by train.training_arguments (ddp_timeout)
 
@@ -195,8 +210,7 @@ def run_launcher(cmd: list[str], env: dict, args, out: Path) -> int:
                 with contextlib.suppress(psutil.NoSuchProcess):
                     r.send_signal(signum)
         else:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+            kill_tree(proc.pid)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -204,8 +218,7 @@ def run_launcher(cmd: list[str], env: dict, args, out: Path) -> int:
     finally:
         for sig, h in previous.items():
             signal.signal(sig, h)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # whatever of the group is left (normally nothing)
+        kill_tree(proc.pid)  # whatever is left (normally nothing)
     if not got:
         return code
     name = signal.Signals(got[0]).name
