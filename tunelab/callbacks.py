@@ -3,17 +3,21 @@
   FiniteGradients  stop before optimizer.step() when a gradient is nan/inf (any max_grad_norm)
   StopOnSignal     SIGINT/SIGTERM: finish the step, checkpoint, stop
   OverfitWatch     warn once when eval loss rises while train loss falls
-(Crash-safe checkpoint commits are tunelab/rundir.py's CommitCheckpoints; the progress bar is ui.py's.)
+  CommitCheckpoints  crash-safe checkpoints: the Trainer's write in RUN/.staging, renamed into place
+(The run folder's layout is tunelab/rundir.py's; the progress bar is ui.py's.)
 """
 
 from __future__ import annotations
 
 import math
 import signal
+from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
 
+from .fsutil import commit_dir, remove_tree
+from .rundir import STAGING, rotate_checkpoints
 from .ui import console, warn
 
 
@@ -98,3 +102,42 @@ class OverfitWatch(TrainerCallback):
                             f"train loss fell {t0:.4f} -> {t2:.4f}; consider early stopping "
                             f"(eval.early_stopping_patience), a lower learning rate or more data")
             warn(self.message)
+
+
+class CommitCheckpoints(TrainerCallback):
+    """Crash-safe checkpoints through public Trainer hooks.
+
+    The Trainer's `output_dir` is RUN/.staging (set once, in TrainingArguments) and its own rotation
+    is off (save_total_limit=None), so it writes each checkpoint into RUN/.staging/checkpoint-N.
+    `on_save`, which the Trainer calls right after that write, fsyncs the folder and renames it to
+    RUN/checkpoint-N, then rotates by `limit` without ever deleting the newest or best checkpoint.
+    A kill at any moment leaves RUN/checkpoint-* complete; a half-written .staging is removed by
+    the next start (`resume_checkpoint` -> clean_stale) and never read.
+    """
+
+    def __init__(self, run: Path, limit: int | None):
+        self.run, self.limit = run, limit
+        self.staging = run / STAGING
+
+    def _public(self, path: str | None) -> str | None:
+        """A path under .staging as it will be after the commit."""
+        if path and Path(path).parent == self.staging:
+            return str(self.run / Path(path).name)
+        return path
+
+    def on_save(self, args, state, control, **kwargs):
+        from accelerate import PartialState
+
+        dist = PartialState()
+        name = f"checkpoint-{state.global_step}"
+        dist.wait_for_everyone()  # every rank has written its part (rng_state_<rank>.pth, shards)
+        best = self._public(state.best_model_checkpoint)
+        if best != state.best_model_checkpoint:
+            state.best_model_checkpoint = best  # so that resume and load_best_model_at_end find it
+            if state.is_world_process_zero:
+                state.save_to_json(str(self.staging / name / "trainer_state.json"))
+        if state.is_world_process_zero:
+            commit_dir(self.staging / name, self.run / name)
+            remove_tree(self.staging)
+            rotate_checkpoints(self.run, self.limit, best)
+        dist.wait_for_everyone()

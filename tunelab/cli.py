@@ -151,7 +151,6 @@ def launch_accelerate(args, out: Path) -> int:
     """Re-run this same `tunelab train` under `accelerate launch` (DDP by default; gloo on CPU)."""
     import shutil
     import socket
-    import subprocess
 
     from .config import ConfigError
 

@@ -7,7 +7,8 @@
     RUN/final/               the final weights and tokenizer
     RUN/summary.json         what the run did
     RUN/tensorboard/         logs
-    RUN/.staging/            where the Trainer writes a checkpoint before it is committed (never read)
+    RUN/.staging/            where the Trainer writes a checkpoint before callbacks.CommitCheckpoints
+                             renames it into place (never read)
 
 Everything that reads or writes those names goes through this module: the checkpoint-N parser,
 the list of complete checkpoints, the newest, rotation, the final weights, the resume check.
@@ -18,10 +19,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from transformers import TrainerCallback
-
 from .config import ConfigError, RunConfig, config_from_dict
-from .fsutil import clean_stale, commit_dir, remove_tree
+from .fsutil import clean_stale, remove_tree
 
 CONFIG = "config.yaml"
 FINAL = "final"
@@ -150,42 +149,3 @@ def _check_writable(run: Path) -> None:
     finally:
         if not existed and run.is_dir() and not any(run.iterdir()):
             run.rmdir()
-
-
-class CommitCheckpoints(TrainerCallback):
-    """Crash-safe checkpoints through public Trainer hooks.
-
-    The Trainer's `output_dir` is RUN/.staging (set once, in TrainingArguments) and its own rotation
-    is off (save_total_limit=None), so it writes each checkpoint into RUN/.staging/checkpoint-N.
-    `on_save`, which the Trainer calls right after that write, fsyncs the folder and renames it to
-    RUN/checkpoint-N, then rotates by `limit` without ever deleting the newest or best checkpoint.
-    A kill at any moment leaves RUN/checkpoint-* complete; a half-written .staging is removed by
-    the next start (`resume_checkpoint` -> clean_stale) and never read.
-    """
-
-    def __init__(self, run: Path, limit: int | None):
-        self.run, self.limit = run, limit
-        self.staging = run / STAGING
-
-    def _public(self, path: str | None) -> str | None:
-        """A path under .staging as it will be after the commit."""
-        if path and Path(path).parent == self.staging:
-            return str(self.run / Path(path).name)
-        return path
-
-    def on_save(self, args, state, control, **kwargs):
-        from accelerate import PartialState
-
-        dist = PartialState()
-        name = f"checkpoint-{state.global_step}"
-        dist.wait_for_everyone()  # every rank has written its part (rng_state_<rank>.pth, shards)
-        best = self._public(state.best_model_checkpoint)
-        if best != state.best_model_checkpoint:
-            state.best_model_checkpoint = best  # so that resume and load_best_model_at_end find it
-            if state.is_world_process_zero:
-                state.save_to_json(str(self.staging / name / "trainer_state.json"))
-        if state.is_world_process_zero:
-            commit_dir(self.staging / name, self.run / name)
-            remove_tree(self.staging)
-            rotate_checkpoints(self.run, self.limit, best)
-        dist.wait_for_everyone()

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from transformers import EarlyStoppingCallback, Trainer
 
-from .callbacks import FiniteGradients, NonFinite, OverfitWatch, StopOnSignal
+from .callbacks import CommitCheckpoints, FiniteGradients, NonFinite, OverfitWatch, StopOnSignal
 from .config import ConfigError, RunConfig, save_config
 from .data.packing import PackedCollator, is_packed, packed_attention, split_packed
 from .data.pipeline import Collator, DataStats, TokenizedDataset, prepare
@@ -31,8 +31,8 @@ from .fsutil import atomic_write_text, commit_dir, is_disk_full, remove_tree
 from .loss import chunked_causal_lm_loss
 from .models import (context_window, dtype_warning, load_model, load_tokenizer, pick_device, pick_dtype,
                      resolve_model)
-from .rundir import (CONFIG, FINAL, STAGING, SUMMARY, CommitCheckpoints, checkpoints, newest_checkpoint,
-                     resume_checkpoint, saved_step)
+from .rundir import (CONFIG, FINAL, STAGING, SUMMARY, checkpoints, newest_checkpoint, resume_checkpoint,
+                     saved_step)
 from .ui import RichProgress, console, warn
 
 log = logging.getLogger("tunelab")
@@ -107,7 +107,7 @@ def training_arguments(cfg: RunConfig, out: Path, device: str, dtype: torch.dtyp
     t = cfg.train
     early = cfg.eval.early_stopping_patience > 0
     return TrainingArguments(
-        output_dir=str(out / STAGING),  # checkpoints are committed to `out` by rundir.CommitCheckpoints
+        output_dir=str(out / STAGING),  # checkpoints are committed to `out` by callbacks.CommitCheckpoints
         # data.packing: one packed batch per optimizer step, the same examples and the same
         # trained-token normalisation as batch x accumulation (see tunelab/data/packing.py)
         per_device_train_batch_size=t.per_device_train_batch_size * (t.gradient_accumulation_steps if cfg.data.packing else 1),
@@ -123,7 +123,7 @@ def training_arguments(cfg: RunConfig, out: Path, device: str, dtype: torch.dtyp
         eval_on_start=cfg.eval.eval_on_start and has_eval,
         save_strategy="steps",
         save_steps=t.save_steps,
-        save_total_limit=None,  # rotation: rundir.CommitCheckpoints (never deletes the newest/best)
+        save_total_limit=None,  # rotation: callbacks.CommitCheckpoints (never deletes the newest/best)
         logging_steps=t.logging_steps,
         logging_first_step=True,
         optim=t.optim,
