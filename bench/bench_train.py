@@ -257,12 +257,7 @@ def build_tunelab(arm, a, steps):
     model = build_model(s)
     args = training_arguments(cfg, Path(a.tmp) / arm, s.device, s.dtype, has_eval=False)
     args.save_strategy = "no"
-    trainer = make_trainer(model, args, s)
-    from tunelab.train import StopOnSignal
-
-    for cb in list(trainer.callback_handler.callbacks):
-        if type(cb).__name__ in ("RichProgress", "OverfitWatch") or isinstance(cb, StopOnSignal):
-            trainer.remove_callback(cb)
+    trainer = make_trainer(model, args, s, interactive=False)  # no progress bar, overfit watch, signal handler
     return trainer, {"arm": arm, "rows": len(s.train), "gradient_checkpointing": cfg.train.gradient_checkpointing,
                      "bf16": cfg.model.dtype == "bfloat16",
                      **_flop_params(model)}

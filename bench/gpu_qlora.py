@@ -170,10 +170,7 @@ def worker(arm, a):
                   PadTok(cfg_model["pad_token_id"]), None, train, [], DataStats(), [])
         args = training_arguments(cfg, Path(a.out) / "scratch" / arm, s.device, s.dtype, has_eval=False)
         args.save_strategy = "no"
-        trainer = make_trainer(model, args, s)
-        for cb in list(trainer.callback_handler.callbacks):
-            if type(cb).__name__ in ("RichProgress", "OverfitWatch", "StopOnSignal"):
-                trainer.remove_callback(cb)
+        trainer = make_trainer(model, args, s, interactive=False)  # no progress bar, overfit watch, signal handler
     build_s = time.perf_counter() - t_build
     if use_cuda:
         torch.cuda.synchronize()

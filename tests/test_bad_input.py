@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tunelab.cli import main
 
@@ -159,9 +160,15 @@ def test_existing_run_is_not_damaged(tmp_path, tiny_config, capsys):
     # a second train into it, a resume with a changed knob, and a resume with a broken data file
     assert main(["train", str(tiny_config), "--output", str(out)]) == 2
     assert main(["train", str(tiny_config), "--output", str(out), "--resume", "--set", "lora.r=4"]) == 2
-    assert main(["train", str(tiny_config), "--output", str(out), "--resume", "--set", "data.path=missing.jsonl"]) == 2
     err = capsys.readouterr().err
     assert "already holds files" in err and "differs from the run's saved config in lora.r" in err
+    # the same config (the resume check passes) but its data file is now broken: the data is read,
+    # the error names the line, and the run folder is left as it was
+    data = Path(yaml.safe_load(tiny_config.read_text())["data"]["path"])
+    data.write_text(data.read_text() + '{"instruction": "cut off\n')
+    assert main(["train", str(tiny_config), "--output", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "differs" not in err and f"{data.name}:41" in err, err[-1500:]
     assert _snapshot(out) == before
 
 

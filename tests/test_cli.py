@@ -107,7 +107,7 @@ def test_offline_hub_dataset_fails_at_once(monkeypatch):
         seen.append(datasets.config.HF_HUB_OFFLINE)
         raise ConnectionError("offline")
 
-    monkeypatch.setattr(tunelab.models, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(tunelab.models, "hub_reachable", lambda timeout=3.0: False)
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
     before = datasets.config.HF_HUB_OFFLINE
     with pytest.raises(DataError, match="hub is unreachable"):

@@ -42,7 +42,7 @@ def test_early_stopping_and_overfit_warning(tmp_path, tiny_config, capsys):
 def test_overfit_watch_logic():
     from types import SimpleNamespace
 
-    from tunelab.ui import OverfitWatch
+    from tunelab.callbacks import OverfitWatch
 
     w = OverfitWatch()
     hist = [{"step": s, "loss": 3.0 - 0.1 * s} for s in range(1, 31)]

@@ -99,9 +99,39 @@ def test_packed_training_matches_unpacked(tmp_path, tiny_config):
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
 
 
-def test_group_by_length_option(tmp_path, tiny_config):
-    out = tmp_path / "g"
-    assert main(["train", str(tiny_config), "--output", str(out), "--set", "train.group_by_length=true",
-                 "--set", "train.max_steps=2", "--set", "data.test_size=0"]) == 0
-    args = torch.load(out / "checkpoint-2" / "training_args.bin", weights_only=False)
-    assert args.train_sampling_strategy == "group_by_length"
+def test_group_by_length_batches_rows_of_similar_length(tmp_path, tiny_model):
+    """train.group_by_length changes what the Trainer feeds: batches of similar-length rows, so far
+    less padding than random batches over the same rows."""
+    import random
+
+    from tunelab.config import config_from_dict
+    from tunelab.train import build_model, make_trainer, setup_data, training_arguments
+
+    rng = random.Random(0)
+    data = tmp_path / "varied.jsonl"
+    data.write_text("\n".join(json.dumps({"instruction": f"Say {i}.", "input": "",
+                                           "output": " ".join(["the answer"] * rng.randint(1, 40))})
+                              for i in range(64)) + "\n")
+    padding = {}
+    for grouped in (False, True):
+        cfg = config_from_dict({"model": {"name": str(tiny_model)},
+                                "data": {"path": str(data), "max_seq_length": 256},
+                                "train": {"per_device_train_batch_size": 8, "max_steps": 8, "report_to": [],
+                                          "group_by_length": grouped}})
+        s = setup_data(cfg)
+        trainer = make_trainer(build_model(s), training_arguments(cfg, tmp_path / str(grouped), s.device, s.dtype,
+                                                                  has_eval=False), s, interactive=False)
+        batches = list(trainer.get_train_dataloader())
+        assert sum(b["input_ids"].shape[0] for b in batches) == 64  # every row once either way
+        padding[grouped] = sum(int((b["attention_mask"] == 0).sum()) for b in batches)
+    assert padding[True] < 0.5 * padding[False], padding
+
+
+def test_one_ignore_index():
+    from pathlib import Path
+
+    import tunelab
+
+    src = Path(tunelab.__file__).parent
+    defs = [f"{f.relative_to(src)}" for f in src.rglob("*.py") if "\nIGNORE_INDEX = " in f.read_text()]
+    assert defs == ["data/pipeline.py"], defs

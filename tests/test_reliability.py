@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import shlex
 import signal
 import subprocess
 import sys
@@ -92,8 +93,8 @@ def test_kill9_at_random_moments_then_resume_equals_uninterrupted(tmp_path, tiny
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_saves_checkpoint_and_exits(tmp_path, tiny_config, sig, code):
     out = tmp_path / "run"
-    p = subprocess.Popen(_cmd(tiny_config, out, "data.test_size=0", "train.max_steps=100000",
-                              "train.save_steps=100000", "train.logging_steps=50"),
+    sets = ["data.test_size=0", "train.max_steps=100000", "train.save_steps=100000", "train.logging_steps=50"]
+    p = subprocess.Popen(_cmd(tiny_config, out, *sets),
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "tensorboard").exists():
@@ -105,8 +106,12 @@ def test_signal_saves_checkpoint_and_exits(tmp_path, tiny_config, sig, code):
     assert p.returncode == code, err[-2000:]
     last_line = err.strip().splitlines()[-1]
     assert "--resume" in last_line and "Traceback" not in err
+    # the hint is the interrupted command: following it resumes the same run (same --set flags)
+    hint = shlex.split(last_line.split("Resume with: ", 1)[1])
+    assert hint == ["tunelab", "train", str(tiny_config), "--output", str(out)] + sum([["--set", s] for s in sets], []) \
+        + ["--resume"], last_line
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["status"] == "interrupted"
+    assert summary["status"] == "interrupted" and summary["early_stopped"] is False
     step = summary["global_step"]
     assert step > 0 and (out / f"checkpoint-{step}" / "adapter_model.safetensors").is_file()
     _assert_complete_checkpoints(out)
@@ -122,6 +127,42 @@ def test_nan_loss_stops_without_saving_bad_weights(tmp_path, tiny_config, capsys
     assert code == 2
     line = [l for l in err.splitlines() if "error:" in l][-1]
     assert ("nan" in line or "inf" in line) and "at step" in line and "last good checkpoint: checkpoint-" in line
+    assert not (out / "final").exists()
+    _assert_complete_checkpoints(out)
+    for ck in out.glob("checkpoint-*"):
+        w = load_file(ck / "adapter_model.safetensors")
+        assert all(t.isfinite().all() for t in w.values()), f"{ck.name} holds non-finite weights"
+
+
+@pytest.mark.parametrize("max_grad_norm", ["0", "1.0"])
+def test_nonfinite_gradient_never_reaches_the_weights(tmp_path, tiny_config, capsys, monkeypatch, max_grad_norm):
+    """A nan gradient with a finite loss (poisoned at the 3rd backward) stops the run before
+    optimizer.step(), whether or not the Trainer clips (it only clips when max_grad_norm > 0)."""
+    import tunelab.train as train
+
+    real = train.build_model
+
+    def poisoned(s):
+        model = real(s)
+        p = next(p for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n)
+        calls = [0]
+
+        def hook(g):
+            calls[0] += 1
+            return g * float("nan") if calls[0] == 3 else g
+
+        p.register_hook(hook)
+        return model
+
+    monkeypatch.setattr(train, "build_model", poisoned)
+    out = tmp_path / "run"
+    code = main(["train", str(tiny_config), "--output", str(out), "--set", "data.test_size=0",
+                 "--set", "train.max_steps=5", "--set", "train.save_steps=1", "--set", f"train.max_grad_norm={max_grad_norm}"])
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    line = [l for l in err.splitlines() if "error:" in l][-1]
+    assert "gradient norm is nan at step 3" in line and "last good checkpoint: checkpoint-2" in line, line
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
     assert not (out / "final").exists()
     _assert_complete_checkpoints(out)
     for ck in out.glob("checkpoint-*"):

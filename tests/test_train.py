@@ -1,4 +1,5 @@
 import json
+import os
 
 from tunelab.cli import main
 
@@ -13,10 +14,18 @@ def _scalars(run):
     return set(acc.Tags()["scalars"])
 
 
-def test_train_tiny_end_to_end_and_resume(tmp_path, tiny_config):
+def test_train_tiny_end_to_end_and_resume(tmp_path, tiny_config, capsys):
     out = tmp_path / "run"
-    assert main(["train", str(tiny_config), "--output", str(out)]) == 0
+    old = os.umask(0o022)
+    try:
+        assert main(["train", str(tiny_config), "--output", str(out)]) == 0
+    finally:
+        os.umask(old)
+    # a run folder shared with a team is readable: the umask decides, not mkstemp's 0600
+    for name in ("summary.json", "config.yaml", "data_stats.json"):
+        assert (out / name).stat().st_mode & 0o777 == 0o644, name
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["early_stopped"] is False
     assert summary["global_step"] == 4 and summary["eval_loss"] is not None
     assert summary["pad_token"] != summary["eos_token"]
     for name in ("adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt",
@@ -36,6 +45,26 @@ def test_train_tiny_end_to_end_and_resume(tmp_path, tiny_config):
     # resume with a changed training knob is refused
     assert main(["train", str(tiny_config), "--output", str(out), "--resume",
                  "--set", "train.learning_rate=5e-4"]) == 2
+    # resume with a max_steps the run is already past: says so (it is not "completed" at 6/2 steps)
+    capsys.readouterr()
+    assert main(["train", str(tiny_config), "--output", str(out), "--resume", "--set", "train.max_steps=2"]) == 2
+    err = capsys.readouterr().err
+    assert "already at step 6" in err and "train.max_steps=2" in err, err
+    assert json.loads((out / "summary.json").read_text())["global_step"] == 6
+
+
+def test_written_files_follow_umask(tmp_path):
+    from tunelab.fsutil import atomic_dir, atomic_write_text
+
+    old = os.umask(0o027)
+    try:
+        atomic_write_text(tmp_path / "a.json", "{}")
+        with atomic_dir(tmp_path / "d") as d:
+            (d / "x").write_text("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o750
 
 
 def test_resume_equals_uninterrupted(tmp_path, tiny_config):
@@ -61,3 +90,16 @@ def test_eval_on_start_gives_loss_before_and_after(tmp_path, tiny_config, capsys
     s = json.loads((out / "summary.json").read_text())
     assert s["first_eval_step"] == 0 and s["eval_loss"] < s["first_eval_loss"]  # lr 1e-3 on a random model
     assert f"eval loss {s['first_eval_loss']} at step 0 -> {s['eval_loss']}" in " ".join(capsys.readouterr().err.split())
+
+
+def test_collective_timeout_reaches_the_process_group(tmp_path, monkeypatch):
+    """`tunelab train --launcher ... --collective-timeout N` passes N to the ranks' process group."""
+    import torch
+
+    from tunelab.cli import COLLECTIVE_TIMEOUT
+    from tunelab.config import RunConfig
+    from tunelab.train import training_arguments
+
+    monkeypatch.setenv(COLLECTIVE_TIMEOUT, "42")
+    args = training_arguments(RunConfig(), tmp_path, "cpu", torch.float32, has_eval=False)
+    assert args.ddp_timeout == 42 and args.ddp_timeout_delta.total_seconds() == 42

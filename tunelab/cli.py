@@ -14,6 +14,7 @@ be the entry's; the help comes from the entry) and `def cmd_chat(args) -> int`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
@@ -170,6 +171,9 @@ def _train_parser(sub) -> None:
                    help="accelerate: run --num-processes training processes (DDP; see configs/accelerate/)")
     p.add_argument("--num-processes", type=int, default=2)
     p.add_argument("--accelerate-config", help="an accelerate config file (FSDP, DeepSpeed, multi-node)")
+    p.add_argument("--collective-timeout", type=int, default=600, metavar="SECONDS",
+                   help="with --launcher: a process waiting longer than this for the others (a hang, a dead rank) "
+                        "stops the run with an error (default 600)")
 
 
 def _check_parser(sub) -> None:
@@ -206,19 +210,53 @@ def cmd_train(args) -> int:
     for w in warnings:
         warn(w)
     summary = run(cfg, out, resume=args.resume, config_dir=Path(args.config).resolve().parent)
+    if summary.get("status") == "interrupted" and os.environ.get(LAUNCHED):
+        return 0  # a rank started by launch_accelerate: the launching `tunelab train` reports the interrupt
     if summary.get("status") == "interrupted":
         code = 143 if summary.get("signal") == "SIGTERM" else 130
         print(f"tunelab train: interrupted ({summary['signal']}) at step {summary['global_step']}; checkpoint saved. "
-              f"Resume with: tunelab train {args.config} --output {out} --resume", file=sys.stderr)
+              f"Resume with: {resume_command(args, out)}", file=sys.stderr)
         return code
     return 0
+
+
+def resume_command(args, out: Path) -> str:
+    """The interrupted `tunelab train` command with --resume: same config, same --set flags, same launcher."""
+    import shlex
+
+    cmd = ["tunelab", "train", args.config, "--output", str(out)]
+    for o in args.overrides:
+        cmd += ["--set", o]
+    if getattr(args, "launcher", "none") == "accelerate" and not os.environ.get(LAUNCHED):
+        cmd += ["--launcher", "accelerate"]
+        cmd += ["--accelerate-config", args.accelerate_config] if args.accelerate_config else \
+            ["--num-processes", str(args.num_processes)]
+    return shlex.join(cmd + ["--resume"])
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants (torch's launcher starts each rank in its own session,
+    so a process-group kill would miss them)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = root.children(recursive=True) + [root]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+
+
+LAUNCHED = "TUNELAB_LAUNCHED"  # set in the ranks that launch_accelerate starts
+COLLECTIVE_TIMEOUT = "TUNELAB_COLLECTIVE_TIMEOUT"  # seconds; read by train.training_arguments (ddp_timeout)
 
 
 def launch_accelerate(args, out: Path) -> int:
     """Re-run this same `tunelab train` under `accelerate launch` (DDP by default; gloo on CPU)."""
     import shutil
     import socket
-    import subprocess
 
     from .config import ConfigError
 
@@ -244,7 +282,60 @@ def launch_accelerate(args, out: Path) -> int:
         cmd += ["--set", o]
     if args.resume:
         cmd.append("--resume")
-    return subprocess.call(cmd)
+    if args.collective_timeout < 1:
+        raise ConfigError("--collective-timeout must be >= 1 second")
+    env = dict(os.environ, **{LAUNCHED: "1", COLLECTIVE_TIMEOUT: str(args.collective_timeout)})
+    return run_launcher(cmd, env, args, out)
+
+
+def run_launcher(cmd: list[str], env: dict, args, out: Path) -> int:
+    """Run the launcher in its own session, so that this process alone decides what the ranks get:
+    SIGINT/SIGTERM here is sent once to every rank (each finishes its step, checkpoints and exits,
+    as a single-process run does), then the hint to resume is printed; a second signal kills the
+    launcher and all ranks at once (no checkpoint). Nothing outlives this process."""
+    import json
+    import signal
+    import subprocess
+
+    import psutil  # a dependency of accelerate
+
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    got: list[int] = []
+
+    def forward(signum, frame):
+        got.append(signum)
+        if len(got) == 1:
+            print(f"tunelab train: {signal.Signals(signum).name}: the ranks save a checkpoint after the current "
+                  f"step, then stop ({signal.Signals(signum).name} again kills them without saving)", file=sys.stderr)
+            try:
+                ranks = psutil.Process(proc.pid).children()  # the launcher's workers, not their helpers
+            except psutil.NoSuchProcess:
+                return
+            for r in ranks:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    r.send_signal(signum)
+        else:
+            kill_tree(proc.pid)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = proc.wait()
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+        kill_tree(proc.pid)  # whatever is left (normally nothing)
+    if not got:
+        return code
+    name = signal.Signals(got[0]).name
+    summary = out / "summary.json"
+    status = json.loads(summary.read_text()) if summary.is_file() else {}
+    if code == 0 and status.get("status") == "interrupted":
+        print(f"tunelab train: interrupted ({name}) at step {status['global_step']}; checkpoint saved. "
+              f"Resume with: {resume_command(args, out)}", file=sys.stderr)
+    else:
+        print(f"tunelab train: interrupted ({name}); stopped the launcher and every rank without a final "
+              f"checkpoint. Resume from the newest one with: {resume_command(args, out)}", file=sys.stderr)
+    return 143 if got[0] == signal.SIGTERM else 130
 
 
 def cmd_check(args) -> int:

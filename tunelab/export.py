@@ -45,18 +45,19 @@ def add_parser(sub) -> None:
 
 def _load_merged(run_path: Path, dtype_name: str):
     """(adapter model for reference, merged model, tokenizer, note)."""
-    import yaml
     from peft import PeftModel
 
+    from .config import RunConfig
     from .models import ModelError, check_adapter_base, find_run, load_model, load_tokenizer, resolve_model
+    from .rundir import run_config
 
     run, weights = find_run(run_path)
     if weights is None:
         raise ExportError(f"{run_path}: not a tunelab run folder or checkpoint")
     if not (weights / "adapter_config.json").is_file():
         raise ExportError(f"{weights} holds full weights (a full fine-tune), not an adapter: use it as is")
-    cfg = yaml.safe_load((run / "config.yaml").read_text()) if run else {}
-    base_spec = cfg.get("model", {}).get("name") or json.loads((weights / "adapter_config.json").read_text()).get(
+    cfg = run_config(run) if run else RunConfig()  # no run folder: the config defaults
+    base_spec = (cfg.model.name if run else None) or json.loads((weights / "adapter_config.json").read_text()).get(
         "base_model_name_or_path")
     try:
         base = resolve_model(base_spec)
@@ -64,15 +65,15 @@ def _load_merged(run_path: Path, dtype_name: str):
         raise ExportError(f"the adapter in {weights} needs its base model '{base_spec}', which is not available: {e}") from None
     check_adapter_base(weights, base)
     tok, _ = load_tokenizer(weights if (weights / "tokenizer_config.json").is_file() else base,
-                            cfg.get("model", {}).get("pad_token", "auto"))
-    q = cfg.get("quantization", {})
-    qlora = bool(q.get("load_in_4bit"))
+                            cfg.model.pad_token)
+    q = cfg.quantization
+    qlora = q.load_in_4bit
     if dtype_name == "auto":
         dtype = torch.bfloat16 if qlora else torch.float32
     else:
         dtype = getattr(torch, dtype_name)
     if qlora:
-        kw = dict(load_in_4bit=True, quant_type=q.get("quant_type", "nf4"), double_quant=q.get("double_quant", True),
+        kw = dict(load_in_4bit=True, quant_type=q.quant_type, double_quant=q.double_quant,
                   compute_dtype=torch.float32)
         ref_base = load_model(base, tok, dtype=torch.float32, device="cpu", **kw)
         merged_base = load_model(base, tok, dtype=torch.float32, device="cpu", **kw)
@@ -88,7 +89,7 @@ def _load_merged(run_path: Path, dtype_name: str):
     merged = PeftModel.from_pretrained(merged_base, str(weights)).merge_and_unload().eval()
     merged.generation_config.pad_token_id = tok.pad_token_id
     merged.generation_config.eos_token_id = tok.eos_token_id
-    template = cfg.get("data", {}).get("template", "alpaca")
+    template = cfg.data.template
     return ref, merged, tok, note, template, cfg
 
 

@@ -77,9 +77,7 @@ def atomic_dir(target: Path):
     """Yield a temporary folder next to `target`; on success it becomes `target`."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like a normal folder
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; the result should look like a normal folder
     try:
         yield tmp
         commit_dir(tmp, target)
@@ -90,10 +88,18 @@ def atomic_dir(target: Path):
         raise
 
 
+def current_umask() -> int:
+    """The process umask (os has no getter: set and restore it)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; a run folder shared with a team stays readable
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()

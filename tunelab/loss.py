@@ -25,9 +25,9 @@ import logging
 import torch
 from torch import nn
 
-log = logging.getLogger("tunelab")
+from .data.pipeline import IGNORE_INDEX
 
-IGNORE_INDEX = -100
+log = logging.getLogger("tunelab")
 
 # Architectures whose logits are exactly `lm_head(final hidden state)`: no soft-capping
 # (Gemma 2/3), no logit scaling (Cohere, Granite), no router auxiliary loss (MoE). Others fall

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from .rundir import find_run, run_config  # noqa: F401  (find_run: re-exported for callers)
+
 log = logging.getLogger("tunelab")
 
 EMBEDDED = {
@@ -90,7 +92,8 @@ def convert_gguf(gguf: Path, label: str | None = None) -> Path:
     return target
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the HF hub (or HF_ENDPOINT) answers; False when offline mode is set."""
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return False
     from urllib.parse import urlparse
@@ -126,7 +129,7 @@ def resolve_model(spec: str, revision: str | None = None) -> Path:
         return Path(snapshot_download(spec, revision=revision, allow_patterns=patterns, local_files_only=True))
     except Exception:
         pass
-    if not _hub_reachable():
+    if not hub_reachable():
         raise ModelError(f"model: '{spec}' is not in the local Hugging Face cache and the hub is unreachable "
                          f"(offline). Download it on a connected machine and set model.name to its local folder.")
     try:
@@ -284,20 +287,6 @@ class Loaded:
         self.base_folder, self.adapter, self.device, self.dtype = base_folder, adapter, device, dtype
 
 
-def find_run(path: Path) -> tuple[Path | None, Path | None]:
-    """(run folder, adapter-or-weights folder) for a run folder or one of its checkpoints; (None, None) if neither."""
-    if (path / "config.yaml").is_file() and not (path / "adapter_config.json").is_file():
-        for cand in [path / "final"] + sorted(path.glob("checkpoint-*"), key=lambda p: -int(p.name.split("-")[1])
-                                              if p.name.split("-")[1].isdigit() else 0):
-            if (cand / "adapter_config.json").is_file() or (cand / "config.json").is_file():
-                return path, cand
-        raise ModelError(f"{path}: a tunelab run folder without a final model or checkpoint")
-    if (path / "adapter_config.json").is_file() or ((path / "config.json").is_file() and (path.parent / "config.yaml").is_file()):
-        run = path.parent if (path.parent / "config.yaml").is_file() else None
-        return run, path
-    return None, None
-
-
 def load_for_inference(spec: str, *, adapter: str | None = None, template: str | None = None,
                        dtype: str = "auto", device: str = "auto", merge: bool = False) -> Loaded:
     """Load `spec` (model spec, run folder or checkpoint) for generation/evaluation.
@@ -305,8 +294,8 @@ def load_for_inference(spec: str, *, adapter: str | None = None, template: str |
     The template and system prompt come from the run's saved config, so generation prompts are
     the ones training used; for a bare model the template defaults to alpaca.
     """
-    import yaml
-    from transformers import AutoModelForCausalLM
+
+    from .config import RunConfig
 
     path = Path(spec).expanduser()
     run, weights = find_run(path) if path.is_dir() else (None, None)
@@ -315,20 +304,18 @@ def load_for_inference(spec: str, *, adapter: str | None = None, template: str |
         if weights is None:
             raise ModelError(f"--adapter {adapter}: not a tunelab run folder or adapter checkpoint")
         run = run or arun
-    run_cfg = {}
-    if run is not None:
-        run_cfg = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}
-    base_spec = spec if (weights is None or adapter) else run_cfg.get("model", {}).get("name")
+    rc = run_config(run) if run is not None else RunConfig()  # a bare model: the config defaults
+    base_spec = spec if (weights is None or adapter) else (rc.model.name if run is not None else None)
     if weights is not None and not adapter and base_spec is None:
         raise ModelError(f"{spec}: adapter without a run config; pass the base model and --adapter {spec}")
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     is_full = weights is not None and (weights / "config.json").is_file() and not (weights / "adapter_config.json").is_file()
-    base_folder = weights if is_full else resolve_model(base_spec, run_cfg.get("model", {}).get("revision"))
+    base_folder = weights if is_full else resolve_model(base_spec, rc.model.revision)
     tok_folder = weights if (weights is not None and (weights / "tokenizer_config.json").is_file()) else base_folder
-    tok, _ = load_tokenizer(tok_folder, run_cfg.get("model", {}).get("pad_token", "auto"))
+    tok, _ = load_tokenizer(tok_folder, rc.model.pad_token)
     model = load_model(base_folder, tok, dtype=dt, device=dev,
-                       attn_implementation=run_cfg.get("model", {}).get("attn_implementation", "sdpa"))
+                       attn_implementation=rc.model.attn_implementation)
     adapter_path = None
     if weights is not None and not is_full:
         from peft import PeftModel
@@ -344,9 +331,8 @@ def load_for_inference(spec: str, *, adapter: str | None = None, template: str |
     model.eval()
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
-    data = run_cfg.get("data", {})
     name = str(weights if weights is not None else spec)
-    return Loaded(model, tok, template or data.get("template", "alpaca"), data.get("system_prompt"), name,
+    return Loaded(model, tok, template or rc.data.template, rc.data.system_prompt, name,
                   base_folder, adapter_path, dev, dt)
 
 

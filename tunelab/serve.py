@@ -396,9 +396,9 @@ def _vllm_exec(args, loaded_spec: str) -> None:
     run, weights = find_run(Path(loaded_spec)) if Path(loaded_spec).is_dir() else (None, None)
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", args.host, "--port", str(args.port)]
     if weights is not None and (weights / "adapter_config.json").is_file():
-        import yaml
+        from .rundir import run_config
 
-        base = resolve_model(yaml.safe_load((run / "config.yaml").read_text())["model"]["name"])
+        base = resolve_model(run_config(run).model.name)
         cmd += ["--model", str(base), "--enable-lora", "--lora-modules", f"{args.name or run.name}={weights}"]
     else:
         cmd += ["--model", str(weights or resolve_model(loaded_spec))]

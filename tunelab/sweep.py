@@ -69,10 +69,12 @@ def add_parser(sub) -> None:
 
 
 def _curve(trial: Path) -> list[tuple[int, float]]:
-    states = sorted(trial.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1]))
-    if not states:
+    from .rundir import newest_checkpoint
+
+    last = newest_checkpoint(trial)
+    if last is None:
         return []
-    hist = json.loads(states[-1].read_text())["log_history"]
+    hist = json.loads((last / "trainer_state.json").read_text())["log_history"]
     return [(h["step"], h["eval_loss"]) for h in hist if "eval_loss" in h]
 
 

@@ -20,27 +20,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
+from transformers import EarlyStoppingCallback, Trainer
 
-from .config import ConfigError, RunConfig, config_from_dict, save_config
+from .callbacks import CommitCheckpoints, FiniteGradients, NonFinite, OverfitWatch, StopOnSignal
+from .config import ConfigError, RunConfig, save_config
 from .data.packing import PackedCollator, is_packed, packed_attention, split_packed
 from .data.pipeline import Collator, DataStats, TokenizedDataset, prepare
 from .data.preflight import PreflightError, check_examples
-from .fsutil import atomic_write_text, clean_stale, commit_dir, is_disk_full, remove_tree
+from .fsutil import atomic_write_text, commit_dir, is_disk_full, remove_tree
 from .loss import chunked_causal_lm_loss
 from .models import (context_window, dtype_warning, load_model, load_tokenizer, pick_device, pick_dtype,
                      resolve_model)
-from .ui import console, warn
+from .rundir import (CONFIG, FINAL, STAGING, SUMMARY, checkpoints, newest_checkpoint, resume_checkpoint,
+                     saved_step)
+from .ui import RichProgress, console, warn
 
 log = logging.getLogger("tunelab")
 
+
 class TrainingError(RuntimeError):
     """Training stopped on a fault (non-finite loss, disk full); the message says what is intact."""
-
-
-# Keys a resumed run may change: it can be extended, nothing else.
-RESUME_MUTABLE = {"train.max_steps", "train.num_train_epochs", "train.save_steps", "train.eval_steps",
-                  "train.logging_steps", "train.save_total_limit", "eval.early_stopping_patience"}
 
 
 @dataclass
@@ -121,7 +120,7 @@ def training_arguments(cfg: RunConfig, out: Path, device: str, dtype: torch.dtyp
     t = cfg.train
     early = cfg.eval.early_stopping_patience > 0
     return TrainingArguments(
-        output_dir=str(out),
+        output_dir=str(out / STAGING),  # checkpoints are committed to `out` by callbacks.CommitCheckpoints
         # data.packing: one packed batch per optimizer step, the same examples and the same
         # trained-token normalisation as batch x accumulation (see tunelab/data/packing.py)
         per_device_train_batch_size=t.per_device_train_batch_size * (t.gradient_accumulation_steps if cfg.data.packing else 1),
@@ -137,7 +136,7 @@ def training_arguments(cfg: RunConfig, out: Path, device: str, dtype: torch.dtyp
         eval_on_start=cfg.eval.eval_on_start and has_eval,
         save_strategy="steps",
         save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
+        save_total_limit=None,  # rotation: callbacks.CommitCheckpoints (never deletes the newest/best)
         logging_steps=t.logging_steps,
         logging_first_step=True,
         optim=t.optim,
@@ -154,6 +153,8 @@ def training_arguments(cfg: RunConfig, out: Path, device: str, dtype: torch.dtyp
         report_to=list(t.report_to),
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=t.dataloader_num_workers,
+        # under a launcher: a rank waiting longer than this on the others ends the run (tunelab train --collective-timeout)
+        ddp_timeout=int(os.environ.get("TUNELAB_COLLECTIVE_TIMEOUT", "600")),
         remove_unused_columns=False,
         load_best_model_at_end=early,
         metric_for_best_model="eval_loss" if early else None,
@@ -167,223 +168,104 @@ def training_arguments(cfg: RunConfig, out: Path, device: str, dtype: torch.dtyp
     )
 
 
-def make_trainer(model, args, s: Setup):
-    from transformers import EarlyStoppingCallback, Trainer
+class TunelabTrainer(Trainer):
+    """transformers' Trainer with tunelab's step: packed rows split by `pack_max_tokens` (gradients
+    synchronised once per step), the chunked loss (tunelab/loss.py), a nan/inf loss stop, and
+    tokens/s + peak memory on every training log line (TensorBoard and terminal). Only public
+    override points (training_step, compute_loss, evaluate, log) are used."""
+
+    def __init__(self, *args, pack_max_tokens: int = 4096, chunked_loss: bool = False, loss_chunk_size: int = 1024,
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pack_max_tokens, self.chunked_loss, self.loss_chunk_size = pack_max_tokens, chunked_loss, loss_chunk_size
+        self._tps_mark: tuple[float, int] | None = None
+        self._eval_seconds = 0.0  # evaluation time, kept out of tokens/s
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        rows = inputs.pop("row_index", None)
+        if is_packed(inputs):  # split at example boundaries by data.pack_max_tokens; gradients accumulate
+            pieces = split_packed(inputs, self.pack_max_tokens)
+            loss = 0
+            # The packed switch goes on the unwrapped model (a DDP wrapper has no config). Under DDP the
+            # ranks may split a step into different numbers of pieces: only the last piece syncs
+            # gradients (accelerate's no_sync), so every rank issues the same collectives.
+            with packed_attention(self.accelerator.unwrap_model(model)):
+                for i, piece in enumerate(pieces):
+                    sync = contextlib.nullcontext() if i == len(pieces) - 1 else self.accelerator.no_sync(model)
+                    with sync:
+                        loss = loss + super().training_step(model, piece, num_items_in_batch)
+        else:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss).all():
+            raise NonFinite(f"loss is {loss.item()} at step {self.state.global_step + 1}", rows)
+        return loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # train.chunked_loss: logits only where labels exist, in chunks (tunelab/loss.py); eval
+        # discards logits unless compute_metrics is set, so it takes the chunked path too. Not through a
+        # DDP wrapper: its gradient hooks are armed by its own forward, which the chunked path bypasses.
+        if self.chunked_loss and (not return_outputs or self.compute_metrics is None) \
+                and self.accelerator.unwrap_model(model) is model:
+            with packed_attention(model) if is_packed(inputs) else contextlib.nullcontext():
+                loss = chunked_causal_lm_loss(model, inputs, num_items_in_batch, self.loss_chunk_size)
+            if loss is not None:
+                if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                    # num_items_in_batch is then the count over all processes; the Trainer's own
+                    # compute_loss scales by the process count the same way (DDP averages gradients,
+                    # evaluation averages the per-process losses).
+                    loss = loss * self.accelerator.num_processes
+                return (loss, {"loss": loss}) if return_outputs else loss
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def evaluate(self, *a, **kw):
+        t = time.perf_counter()
+        try:
+            return super().evaluate(*a, **kw)
+        finally:
+            self._eval_seconds += time.perf_counter() - t
+
+    def log(self, logs, start_time=None):
+        if "loss" in logs:
+            now = time.perf_counter() - self._eval_seconds
+            seen = self.state.num_input_tokens_seen
+            if self._tps_mark is not None and now > self._tps_mark[0]:
+                logs["tokens_per_second"] = round((seen - self._tps_mark[1]) / (now - self._tps_mark[0]), 2)
+            self._tps_mark = (now, seen)
+            logs["peak_rss_gib"] = round(peak_rss_gib(), 3)
+        super().log(logs, start_time)
+
+
+def make_trainer(model, args, s: Setup, run_dir: Path | None = None, interactive: bool = True) -> TunelabTrainer:
+    """The Trainer for `s`. With `run_dir`, checkpoints are committed there crash-safely (args.output_dir
+    must be run_dir/.staging, see training_arguments); `interactive` adds the progress bar, the
+    overfitting watch and the signal handler's callback (benchmarks leave them out)."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from .ui import OverfitWatch, RichProgress
-
-    class TunelabTrainer(Trainer):
-        """Adds tokens/s and peak memory to every training log line (TensorBoard and terminal)."""
-
-        _tps_mark: tuple[float, int] | None = None
-        _eval_seconds = 0.0  # evaluation time, kept out of tokens/s
-
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            rows = inputs.pop("row_index", None)
-            if is_packed(inputs):  # split at example boundaries by data.pack_max_tokens; gradients accumulate
-                with packed_attention(model):
-                    loss = sum(super(TunelabTrainer, self).training_step(model, piece, num_items_in_batch)
-                               for piece in split_packed(inputs, s.cfg.data.pack_max_tokens))
-            else:
-                loss = super().training_step(model, inputs, num_items_in_batch)
-            if not torch.isfinite(loss).all():
-                raise NonFinite(f"loss is {loss.item()} at step {self.state.global_step + 1}", rows)
-            return loss
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            # train.chunked_loss: logits only where labels exist, in chunks (tunelab/loss.py); eval
-            # discards logits unless compute_metrics is set, so it takes the chunked path too.
-            if s.cfg.train.chunked_loss and (not return_outputs or self.compute_metrics is None) \
-                    and self.accelerator.unwrap_model(model) is model:
-                with packed_attention(model) if is_packed(inputs) else contextlib.nullcontext():
-                    loss = chunked_causal_lm_loss(model, inputs, num_items_in_batch, s.cfg.train.loss_chunk_size)
-                if loss is not None:
-                    return (loss, {"loss": loss}) if return_outputs else loss
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-
-        def _clip_grad_norm(self, model):
-            norm = super()._clip_grad_norm(model)
-            if norm is not None and not math.isfinite(float(norm)):
-                # Checked before optimizer.step(): the bad update never reaches the weights.
-                raise NonFinite(f"gradient norm is {float(norm)} at step {self.state.global_step + 1}", None)
-            return norm
-
-        def _save_checkpoint(self, model, trial):
-            save_checkpoint_atomically(self, model, trial, super()._save_checkpoint)
-
-        def evaluate(self, *a, **kw):
-            t = time.perf_counter()
-            try:
-                return super().evaluate(*a, **kw)
-            finally:
-                self._eval_seconds += time.perf_counter() - t
-
-        def log(self, logs, start_time=None):
-            if "loss" in logs:
-                now = time.perf_counter() - self._eval_seconds
-                seen = self.state.num_input_tokens_seen
-                if self._tps_mark is not None and now > self._tps_mark[0]:
-                    logs["tokens_per_second"] = round((seen - self._tps_mark[1]) / (now - self._tps_mark[0]), 2)
-                self._tps_mark = (now, seen)
-                logs["peak_rss_gib"] = round(peak_rss_gib(), 3)
-            super().log(logs, start_time)
-
-    callbacks = [RichProgress(), OverfitWatch(enabled=s.cfg.eval.overfit_warning), StopOnSignal()]
+    callbacks = [FiniteGradients()]
+    if run_dir is not None:
+        callbacks.append(CommitCheckpoints(run_dir, s.cfg.train.save_total_limit))
+    if interactive:
+        callbacks += [RichProgress(), OverfitWatch(enabled=s.cfg.eval.overfit_warning), StopOnSignal()]
     if s.cfg.eval.early_stopping_patience > 0:
         callbacks.append(EarlyStoppingCallback(s.cfg.eval.early_stopping_patience,
                                                s.cfg.eval.early_stopping_threshold))
     trainer = TunelabTrainer(model=model, args=args, train_dataset=TokenizedDataset(s.train),
                              eval_dataset=TokenizedDataset(s.evals) if s.evals else None,
                              data_collator=PackedCollator() if s.cfg.data.packing else Collator(s.tokenizer.pad_token_id),
-                             processing_class=s.tokenizer,
-                             callbacks=callbacks)
+                             processing_class=s.tokenizer, callbacks=callbacks,
+                             pack_max_tokens=s.cfg.data.pack_max_tokens, chunked_loss=s.cfg.train.chunked_loss,
+                             loss_chunk_size=s.cfg.train.loss_chunk_size)
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     return trainer
 
 
-class NonFinite(Exception):
-    def __init__(self, what: str, rows):
-        super().__init__(what)
-        self.what, self.rows = what, rows
-
-
-class StopOnSignal(TrainerCallback):
-    """SIGINT/SIGTERM during training: finish the current optimizer step, save a checkpoint, stop.
-
-    A second Ctrl-C aborts at once (KeyboardInterrupt) without saving."""
-
-    def __init__(self):
-        self.signum: int | None = None
-
-    def handler(self, signum, frame):
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-        console.print(f"[yellow]{signal.Signals(signum).name}[/yellow]: saving a checkpoint after the current "
-                      f"step, then stopping (Ctrl-C again aborts without saving)")
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.signum is not None:
-            control.should_save = True
-            control.should_training_stop = True
-
-
-def save_checkpoint_atomically(trainer, model, trial, save) -> None:
-    """Trainer._save_checkpoint, made crash-safe: write into out/.staging, fsync, rename to
-    out/checkpoint-N, then rotate by save_total_limit without ever deleting the newest complete
-    checkpoint (or the best one). A kill at any moment leaves only complete checkpoint folders."""
-    args = trainer.args
-    out = Path(args.output_dir)
-    staging = out / ".staging"
-    name = f"checkpoint-{trainer.state.global_step}"
-    if trainer.is_world_process_zero():
-        clean_stale(out)
-        staging.mkdir()
-    trainer.accelerator.wait_for_everyone()
-    limit = args.save_total_limit
-    args.output_dir, args.save_total_limit = str(staging), None
-    try:
-        save(model, trial)
-        best = trainer.state.best_model_checkpoint
-        if best and Path(best).parent == staging:
-            trainer.state.best_model_checkpoint = str(out / Path(best).name)
-            if trainer.is_world_process_zero():
-                trainer.state.save_to_json(str(staging / name / "trainer_state.json"))
-        trainer.accelerator.wait_for_everyone()
-        if trainer.is_world_process_zero():
-            commit_dir(staging / name, out / name)
-    except Exception as e:
-        # torch.save reports a full disk as "iostream error"/"unexpected pos", not ENOSPC: look at
-        # the free space (before cleaning up) to say what happened.
-        free = shutil.disk_usage(out).free
-        if trainer.is_world_process_zero():
-            remove_tree(staging)
-        prev = newest_checkpoint(out)
-        intact = f"the previous checkpoint {prev.name} is intact" if prev else "no earlier checkpoint exists"
-        if is_disk_full(e) or free < 1 << 20:
-            raise TrainingError(f"disk full while saving {name} in {out} ({free // 1024} KiB free); {intact}; "
-                                f"free space and resume with --resume") from None
-        raise TrainingError(f"saving {name} in {out} failed ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
-                            f"{intact}") from None
-    finally:
-        args.output_dir, args.save_total_limit = str(out), limit
-    if trainer.is_world_process_zero():
-        remove_tree(staging)
-        rotate_checkpoints(out, limit, trainer.state.best_model_checkpoint)
-
-
-def rotate_checkpoints(out: Path, limit: int | None, best: str | None) -> None:
-    if not limit:
-        return
-    complete = sorted((int(p.name.split("-")[1]), p) for p in out.glob("checkpoint-*")
-                      if p.name.split("-")[1].isdigit() and (p / "trainer_state.json").is_file())
-    keep = {complete[-1][1]} if complete else set()
-    if best:
-        keep.add(Path(best))
-    removable = [p for _, p in complete if p not in keep]
-    excess = len(complete) - max(limit, len(keep))
-    for p in removable[:max(0, excess)]:
-        remove_tree(p)
+def callback(trainer, cls):
+    return next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, cls)), None)
 
 
 def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def newest_checkpoint(out: Path) -> Path | None:
-    """The newest complete checkpoint-N folder (one with trainer_state.json written last)."""
-    found = []
-    for p in out.glob("checkpoint-*"):
-        suffix = p.name.split("-", 1)[1]
-        if p.is_dir() and suffix.isdigit() and (p / "trainer_state.json").is_file():
-            found.append((int(suffix), p))
-    return max(found)[1] if found else None
-
-
-def prepare_run_folder(cfg: RunConfig, out: Path, resume: bool) -> Path | None:
-    """Refuse to overwrite a finished or started run; on --resume, insist the config still matches."""
-    saved = out / "config.yaml"
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--output {out} exists and is not a folder")
-    clean_stale(out)
-    if resume and not saved.is_file():
-        if out.exists() and any(p for p in out.iterdir() if p.name != "tensorboard"):
-            raise ConfigError(f"--resume: {out} holds files but no tunelab run (no config.yaml)")
-        console.print(f"[yellow]--resume:[/yellow] nothing to resume in {out}; starting a new run")
-        resume = False
-    if resume:
-        import yaml
-
-        old = config_from_dict(yaml.safe_load(saved.read_text(encoding="utf-8"))).to_dict()
-        new = cfg.to_dict()
-        changed = [f"{sec}.{k}" for sec in new for k in new[sec]
-                   if new[sec][k] != old.get(sec, {}).get(k) and f"{sec}.{k}" not in RESUME_MUTABLE]
-        if changed:
-            raise ConfigError(f"--resume: the config differs from the run's saved config in {', '.join(changed)}; "
-                              f"only {', '.join(sorted(RESUME_MUTABLE))} may change")
-        return newest_checkpoint(out)
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"--output {out} already holds files; pass --resume to continue that run "
-                          f"or choose a new --output")
-    _check_writable(out)
-    return None
-
-
-def _check_writable(out: Path) -> None:
-    """Fail before the expensive part if the run folder can't be created or written."""
-    existed = out.exists()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-probe"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"--output {out}: cannot write there ({e.strerror or e})") from None
-    finally:
-        if not existed and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
 
 
 def run(cfg: RunConfig, out: Path, *, resume: bool = False, config_dir: Path | None = None) -> dict:
@@ -391,7 +273,11 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, config_dir: Path | N
     t0 = time.perf_counter()
     # Under accelerate/torchrun every process runs this; only the main one checks and writes the run folder.
     main = int(os.environ.get("RANK", "0")) == 0
-    checkpoint = prepare_run_folder(cfg, out, resume) if main else (newest_checkpoint(out) if resume else None)
+    checkpoint = resume_checkpoint(cfg, out, resume) if main else (newest_checkpoint(out) if resume else None)
+    if checkpoint is not None and cfg.train.max_steps > 0 and saved_step(checkpoint) > cfg.train.max_steps:
+        raise ConfigError(f"--resume: {out} is already at step {saved_step(checkpoint)} ({checkpoint.name}), past "
+                          f"train.max_steps={cfg.train.max_steps}; to train further pass a larger "
+                          f"--set train.max_steps=N")
 
     # --- setup -------------------------------------------------------------------------------
     s = setup_data(cfg, config_dir)
@@ -414,7 +300,7 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, config_dir: Path | N
     model = build_model(s)  # before anything is written: a model that won't load leaves no run folder behind
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+        save_config(cfg, out / CONFIG)
         atomic_write_text(out / "data_stats.json", json.dumps(s.stats.to_dict(), indent=2, ensure_ascii=False))
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
@@ -423,10 +309,12 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, config_dir: Path | N
     # --- train -------------------------------------------------------------------------------
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
     args = training_arguments(cfg, out, s.device, s.dtype, has_eval=bool(s.evals))
-    trainer = make_trainer(model, args, s)
+    trainer = make_trainer(model, args, s, run_dir=out)
+    if main:
+        remove_tree(out / STAGING)  # the Trainer creates its output_dir up front; it exists only during a save
     if checkpoint is not None:
         console.print(f"resuming from {checkpoint.name}")
-    stop = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, StopOnSignal))
+    stop = callback(trainer, StopOnSignal)
     previous = {sig: signal.signal(sig, stop.handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -439,6 +327,15 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, config_dir: Path | N
         raise TrainingError(f"{e.what}{rows}: training stopped, the bad update was not applied or saved; "
                             f"last good checkpoint: {last.name if last else 'none'} (try a lower "
                             f"train.learning_rate or check those rows)") from None
+    except Exception as e:
+        if (out / STAGING).exists():
+            raise save_failed(e, out, main) from None
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and _is_collective_failure(e):
+            raise TrainingError(f"process {os.environ.get('RANK', '?')} stopped: waiting on the other processes "
+                                f"failed ({str(e).splitlines()[0][:160]}); a collective waits at most "
+                                f"{args.ddp_timeout}s (tunelab train --collective-timeout). Another process "
+                                f"died or hangs: see its message above") from None
+        raise
     finally:
         for sig, h in previous.items():
             signal.signal(sig, h)
@@ -448,8 +345,9 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, config_dir: Path | N
     if stop.signum is not None:
         summary["status"] = "interrupted"
         summary["signal"] = signal.Signals(stop.signum).name
+        summary["early_stopped"] = False
     else:
-        final, staging = out / "final", out / ".staging-final"
+        final, staging = out / FINAL, out / ".staging-final"
         try:  # every process calls save_model (sharded setups gather collectively); the main one writes
             trainer.save_model(str(staging))
             if main:
@@ -467,15 +365,39 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, config_dir: Path | N
         console.print(f"[green]done[/green]: {summary['global_step']} steps, train loss {summary['train_loss']}, "
                       f"eval loss {before}{summary['eval_loss']}; model in {final}")
     if main:
-        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+        atomic_write_text(out / SUMMARY, json.dumps(summary, indent=2))
     return summary
+
+
+def _is_collective_failure(e: BaseException) -> bool:
+    text = str(e).lower()
+    return any(k in text for k in ("timed out", "timeout", "connection closed by peer", "connection reset"))
+
+
+def save_failed(e: Exception, out: Path, main: bool) -> TrainingError:
+    """A checkpoint write (into out/.staging) failed: drop it and say what is intact."""
+    # torch.save reports a full disk as "iostream error"/"unexpected pos", not ENOSPC: look at the
+    # free space (before cleaning up) to say what happened.
+    free = shutil.disk_usage(out).free
+    staging = out / STAGING
+    name = next((p.name for p in staging.glob("checkpoint-*")), "a checkpoint") if staging.is_dir() else "a checkpoint"
+    if main:
+        remove_tree(staging)
+    prev = newest_checkpoint(out)
+    intact = f"the previous checkpoint {prev.name} is intact" if prev else "no earlier checkpoint exists"
+    if is_disk_full(e) or free < 1 << 20:
+        return TrainingError(f"disk full while saving {name} in {out} ({free // 1024} KiB free); {intact}; "
+                             f"free space and resume with --resume")
+    return TrainingError(f"saving {name} in {out} failed ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+                         f"{intact}")
 
 
 def make_summary(trainer, result, s: Setup, out: Path, wall: float, method: str) -> dict:
     hist = trainer.state.log_history
     train_losses = [h["loss"] for h in hist if "loss" in h]
     eval_losses = [(h["step"], h["eval_loss"]) for h in hist if "eval_loss" in h]
-    overfit = next((cb for cb in trainer.callback_handler.callbacks if type(cb).__name__ == "OverfitWatch"), None)
+    overfit = callback(trainer, OverfitWatch)
+    early = callback(trainer, EarlyStoppingCallback)
     peak_gpu = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
 
     def rnd(x):
@@ -498,13 +420,14 @@ def make_summary(trainer, result, s: Setup, out: Path, wall: float, method: str)
         "first_eval_step": eval_losses[0][0] if eval_losses else None,
         "best_eval_loss": rnd(min(v for _, v in eval_losses)) if eval_losses else None,
         "best_eval_step": min(eval_losses, key=lambda x: x[1])[0] if eval_losses else None,
-        "early_stopped": trainer.state.global_step < trainer.state.max_steps,
+        # the early-stopping callback ended the run (not a signal, not the end of the data)
+        "early_stopped": bool(early and early.early_stopping_patience_counter >= early.early_stopping_patience),
         "overfitting_warning": overfit.message if overfit else None,
         "wall_time_s": round(wall, 2),
         "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 2),
         "peak_rss_gib": round(peak_rss_gib(), 3),
         "peak_gpu_gib": round(peak_gpu, 3) if peak_gpu is not None else None,
-        "checkpoints": sorted(p.name for p in out.glob("checkpoint-*")),
+        "checkpoints": [p.name for p in checkpoints(out)],
         "pad_token": s.tokenizer.pad_token,
         "eos_token": s.tokenizer.eos_token,
     }

@@ -26,7 +26,7 @@ import contextlib
 
 import torch
 
-IGNORE_INDEX = -100
+from .pipeline import IGNORE_INDEX
 ATTN_NAME = "tunelab_varlen"
 _NATIVE_VARLEN = {"flash_attention_2", "flash_attention_3", "kernels-community/flash-attn", ATTN_NAME}
 

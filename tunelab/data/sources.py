@@ -208,9 +208,9 @@ def read_rows(spec: str, split: str = "train", base: Path | None = None) -> list
 def _read_hub(repo_id: str, split: str) -> list[dict]:
     import datasets
 
-    from ..models import _hub_reachable
+    from ..models import hub_reachable
 
-    online = _hub_reachable()  # a few seconds at most; datasets alone retries for ~30 s when offline
+    online = hub_reachable()  # a few seconds at most; datasets alone retries for ~30 s when offline
     try:
         with _hub_offline(not online):
             ds = datasets.load_dataset(repo_id, split=split, download_mode="reuse_dataset_if_exists")
