@@ -275,12 +275,12 @@ def run_method(cfg: RunConfig, out: Path, *, resume: bool = False, config_dir: P
     kind = ("QLoRA" if cfg.quantization.load_in_4bit else "LoRA") if cfg.lora.enabled or s.start.adapter else "full"
     console.print(f"[bold]tunelab[/bold] {method.upper()} ({kind}) of {cfg.model.name} on {s.device}, compute dtype "
                   f"{str(s.dtype).replace('torch.', '')}; {s.stats.train_rows} train / {s.stats.eval_rows} eval rows")
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
+    trainer = make(model, out)  # before anything is written: a trainer that refuses leaves no run folder
     if main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
         atomic_write_text(out / "data_stats.json", json.dumps(s.data_stats, indent=2, ensure_ascii=False))
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
-    trainer = make(model, out)
     if checkpoint is not None:
         console.print(f"resuming from {checkpoint.name}")
     stop = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, StopOnSignal))
