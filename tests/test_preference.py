@@ -19,7 +19,7 @@ def write_pairs(path: Path, n: int = 40, seed: int = 0) -> Path:
     for _ in range(n):
         a, b = rng.randint(1, 50), rng.randint(1, 50)
         rows.append({"instruction": f"Add {a} and {b}.", "chosen": f"The answer is {a + b}.",
-                     "rejected": f"The answer is {a + b + rng.randint(1, 9)}."})
+                     "rejected": "I can not say what the sum is."})
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return path
 
@@ -120,7 +120,8 @@ def test_dpo_reward_margin_rises_and_reaches_tensorboard(tmp_path, tiny_model):
     hist = [h for h in _history(out) if "rewards/margins" in h]
     assert len(hist) == 6
     assert abs(hist[0]["rewards/margins"]) < 1e-4  # step 1: the policy is the reference
-    assert hist[-1]["rewards/margins"] > 0.05 and hist[-1]["rewards/accuracies"] > 0.5
+    margins = [h["rewards/margins"] for h in hist]
+    assert margins[-1] > 0.5 and margins[-1] > max(margins[:3]) and hist[-1]["rewards/accuracies"] == 1.0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["train_method"] == "dpo" and summary["last_rewards/margins"] > summary["first_rewards/margins"]
     events = b"".join(p.read_bytes() for p in (out / "tensorboard").rglob("events.*"))
