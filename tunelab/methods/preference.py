@@ -62,6 +62,9 @@ def make_preference_trainer(model, out: Path, s: MethodSetup, peft_config=None):
         k = cfg.kto
         args = args_for(cfg, out, s, KTOConfig, beta=k.beta, desirable_weight=k.desirable_weight,
                         undesirable_weight=k.undesirable_weight, **common)
+        # KTO's KL term pairs each row with its neighbour in a fixed-order batch, so TRL requires
+        # sequential sampling; the rows were already shuffled with data.seed (data.shuffle).
+        args.train_sampling_strategy = "sequential"
         # KTO tokenizes itself (its KL pairs are built while tokenizing): the prompt is tunelab's
         # rendered template text, the completion the response (TRL appends EOS).
         rows = lambda xs: [{"prompt": x.text[0], "completion": x.text[1], "label": x.label} for x in xs]  # noqa: E731
@@ -69,6 +72,10 @@ def make_preference_trainer(model, out: Path, s: MethodSetup, peft_config=None):
                           eval_dataset=_dataset(rows(s.evals)), processing_class=s.tokenizer, callbacks=callbacks(cfg),
                           peft_config=peft_config)
     else:  # orpo, simpo: reference-free, trl.experimental
+        import os
+
+        # tunelab pins trl and tests these trainers; the notice about experimental APIs is for library users
+        os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
         if method == "orpo":
             from trl.experimental.orpo import ORPOConfig as C
             from trl.experimental.orpo import ORPOTrainer as T
