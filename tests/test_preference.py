@@ -256,3 +256,52 @@ def test_bad_method_inputs_exit_2_and_write_nothing(tmp_path, tiny_model, alpaca
                             extra=f"grpo:\n  rewards: ['{reward}']\n  num_generations: 2")
         assert main(["train", str(cfg), "--output", str(out), "--set", "data.shuffle=false"]) == 2
         _refused(capsys, out, *needles)
+
+
+# --- KTO, ORPO, SimPO, reward, classify -----------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["kto", "orpo", "simpo", "reward"])
+def test_other_methods_loss_falls_on_a_toy_set(tmp_path, tiny_model, method):
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    extra = ""
+    if method == "kto":
+        rows = [json.loads(l) for l in data.read_text().splitlines()]
+        unpaired = [{"prompt": r["instruction"], "completion": r["chosen"] if i % 2 else r["rejected"],
+                     "label": bool(i % 2)} for i, r in enumerate(rows)]
+        data.write_text("\n".join(json.dumps(r) for r in unpaired))
+        extra = "kto:\n  beta: 0.5"  # a KTO key in a KTO run is fine
+    cfg = method_config(tmp_path, tiny_model, data, method, extra=extra, steps=6)
+    out = tmp_path / method
+    sets = ["--set", "data.format=prompt_completion"] if method == "kto" else []
+    assert main(["train", str(cfg), "--output", str(out)] + sets) == 0
+    losses = [h["loss"] for h in _history(out) if "loss" in h]
+    assert len(losses) == 6 and sum(losses[-2:]) < sum(losses[:2]), losses
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train_method"] == method and (out / "final" / "adapter_model.safetensors").is_file()
+    if method == "reward":
+        assert summary["last_accuracy"] >= 0.75  # RewardTrainer: chosen scored above rejected
+
+
+def test_classify_on_real_csv_rows(tmp_path, tiny_model, capsys):
+    from safetensors.torch import load_file
+
+    csv_path = SHARED / "train" / "korean_chatbot" / "ChatbotData.csv"
+    if not csv_path.is_file():
+        pytest.skip("shared ChatbotData.csv not present")
+    cfg = method_config(tmp_path, tiny_model, csv_path, "classify", steps=4,
+                        extra="classify:\n  text_field: Q\n  label_field: label")
+    out = tmp_path / "cls"
+    assert main(["train", str(cfg), "--output", str(out), "--set", "data.max_rows=200",
+                 "--set", "data.test_size=0.2"]) == 0
+    assert "3 labels" in capsys.readouterr().err
+    w = load_file(out / "final" / "adapter_model.safetensors")
+    assert any("score" in k for k in w) and any("lora_A" in k for k in w)  # the head is trained and saved
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["last_eval_accuracy"] is not None
+    # one label only: refused before anything is written
+    one = tmp_path / "one.csv"
+    one.write_text("Q,label\nhello,1\nbye,1\n")
+    out2 = tmp_path / "one"
+    assert main(["train", str(cfg), "--output", str(out2), "--set", f"data.path={one}"]) == 2
+    _refused(capsys, out2, "has one label (1)", "at least two")
