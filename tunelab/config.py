@@ -362,7 +362,7 @@ def validate(cfg: RunConfig, where_of=lambda k: k) -> list[str]:
         _fail(where_of("eval.early_stopping_patience"),
               "early stopping needs evaluation data: set data.test_size or data.eval_path")
     check_sections(cfg, where_of, _fail, _did_you_mean)
-    if not 1e-5 <= t.learning_rate <= 5e-4:
+    if t.method == "sft" and not 1e-5 <= t.learning_rate <= 5e-4:
         warnings.append(f"train.learning_rate={t.learning_rate:g} is outside the usual 1e-5..5e-4 for LoRA/SFT")
     return warnings
 

@@ -255,6 +255,8 @@ def pair_report(stats: PairStats, cfg: DataConfig) -> list[str]:
     """The preflight's advisory findings on pairs (fatal ones were raised while loading)."""
     w = []
     for reason, k in stats.dropped.items():
+        if reason == "beyond data.max_rows":  # asked for, not a finding
+            continue
         w.append(f"{k} pairs dropped: {reason} (e.g. {', '.join(stats.dropped_examples[reason])})")
     if stats.unfair_truncation:
         w.append(f"{stats.unfair_truncation} pairs are cut unfairly by data.max_seq_length={cfg.max_seq_length}: "
@@ -307,6 +309,13 @@ def load_unpaired(cfg: DataConfig, tokenizer, base: Path | None = None):
         for row in rows:
             where = f"{path}:{row.get('__line__', '?')}"
             lab = _col(cfg, "label")
+            if lab not in row and _col(cfg, "chosen") in row and _col(cfg, "rejected") in row:
+                # a preference pair gives two unpaired rows (TRL's unpair_preference_dataset does the same)
+                p = to_pair(row, cfg, where)
+                for text, good in ((p.chosen, True), (p.rejected, False)):
+                    if text.strip():
+                        out.append((where, Example(p.prompt.instruction, p.prompt.input, text, p.prompt.messages), good))
+                continue
             if lab not in row:
                 have = sorted(k for k in row if k != "__line__")
                 raise DataError(f"{where}: a KTO row needs prompt, completion and label (the file has: "
