@@ -299,6 +299,8 @@ def test_classify_on_real_csv_rows(tmp_path, tiny_model, capsys):
     assert any("score" in k for k in w) and any("lora_A" in k for k in w)  # the head is trained and saved
     summary = json.loads((out / "summary.json").read_text())
     assert summary["last_eval_accuracy"] is not None
+    lo, hi = summary["eval_accuracy_ci95"]
+    assert summary["eval_rows"] == 40 and lo <= summary["eval_accuracy"] <= hi and hi - lo > 0
     # one label only: refused before anything is written
     one = tmp_path / "one.csv"
     one.write_text("Q,label\nhello,1\nbye,1\n")

@@ -178,3 +178,18 @@ def make_reward_trainer(model, out: Path, s: MethodSetup):
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     return trainer
+
+
+def held_out_accuracy(trainer, s: MethodSetup) -> dict:
+    """Accuracy on the held-out rows with a 95% bootstrap CI (tunelab/evaluate/stats.py, as `tunelab eval`),
+    and the share of the majority label there (what an untrained, constant classifier would score)."""
+    import numpy as np
+
+    from ..evaluate.stats import bootstrap_ci
+
+    pred = trainer.predict(s.evals)
+    correct = (np.argmax(pred.predictions, axis=-1) == pred.label_ids).astype(float)
+    acc, lo, hi = bootstrap_ci(correct)
+    majority = collections.Counter(pred.label_ids.tolist()).most_common(1)[0][1] / len(pred.label_ids)
+    return {"eval_accuracy": round(acc, 4), "eval_accuracy_ci95": [round(lo, 4), round(hi, 4)],
+            "eval_rows": len(correct), "eval_majority_label_share": round(majority, 4)}

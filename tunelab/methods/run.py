@@ -321,6 +321,13 @@ def run_method(cfg: RunConfig, out: Path, *, resume: bool = False, config_dir: P
             if is_disk_full(e):
                 raise TrainingError(f"disk full while saving {final}; the checkpoints are intact") from None
             raise
+        if method == "classify" and s.evals:
+            from .classify import held_out_accuracy
+
+            summary.update(held_out_accuracy(trainer, s))
+            console.print(f"held-out accuracy {summary['eval_accuracy']:.1%} (95% CI "
+                          f"{summary['eval_accuracy_ci95'][0]:.1%}-{summary['eval_accuracy_ci95'][1]:.1%}, "
+                          f"{summary['eval_rows']} rows; majority label {summary['eval_majority_label_share']:.1%})")
         shown = {k: summary.get(f"last_{k}") for k in ("rewards/margins", "rewards/accuracies", "reward", "accuracy")
                  if summary.get(f"last_{k}") is not None}
         console.print(f"[green]done[/green]: {summary['global_step']} steps, train loss {summary['train_loss']}"
