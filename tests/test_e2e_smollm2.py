@@ -49,9 +49,28 @@ train: {{per_device_train_batch_size: 2, per_device_eval_batch_size: 4, gradient
     assert {"train/loss", "eval/loss", "train/learning_rate", "train/grad_norm", "train/tokens_per_second"} <= tags
 
 
-@pytest.mark.parametrize("config", ["configs/smollm2-alpaca.yaml", "configs/korean-chatbot.yaml"])
+@pytest.mark.parametrize("config", ["configs/smollm2-alpaca.yaml", "configs/korean-chatbot.yaml",
+                                    "configs/smollm2-dpo.yaml", "configs/smollm2-classify.yaml"])
 def test_shipped_configs_pass_preflight_on_real_data(config, capsys):
     if not SHARED.is_dir():
         pytest.skip("../shared/data is not beside this checkout")
     assert main(["check", config]) == 0
     assert "preflight passed" in capsys.readouterr().err
+
+
+def test_smollm2_dpo_end_to_end_on_hh_rlhf(tmp_path, capsys):
+    """Issue 12: DPO on the embedded model with the shipped config, on real HH-RLHF pairs; the result loads
+    for eval/generate like any run."""
+    if not (SHARED / "pref" / "hh_rlhf_harmless" / "test.jsonl").is_file():
+        pytest.skip("../shared/data is not beside this checkout")
+    from tunelab.models import load_for_inference
+
+    out = tmp_path / "dpo"
+    assert main(["train", "configs/smollm2-dpo.yaml", "--output", str(out), "--set", "data.max_rows=12",
+                 "--set", "data.max_seq_length=256", "--set", "data.test_size=0", "--set", "train.max_steps=2",
+                 "--set", "train.save_steps=2", "--set", "train.gradient_accumulation_steps=1"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train_method"] == "dpo" and summary["global_step"] == 2
+    assert "last_rewards/margins" in summary and "reference model: the base (adapter disabled)" in capsys.readouterr().err
+    loaded = load_for_inference(str(out))
+    assert loaded.adapter == out / "final" and loaded.template == "chat_template"

@@ -210,3 +210,46 @@ def test_same_seed_same_loss_curve(tmp_path, tiny_config):
         curves.append([(h["step"], h.get("loss"), h.get("eval_loss")) for h in state["log_history"]
                        if "loss" in h or "eval_loss" in h])
     assert curves[0] == curves[1] and len(curves[0]) >= 6
+
+
+@pytest.mark.parametrize("method", ["dpo", "grpo"])
+def test_methods_kill9_sigterm_resume_equal_uninterrupted(tmp_path, tiny_model, alpaca_file, method):
+    """Issue 12.9: the crash-safe checkpoints, signals and exact resume hold for DPO and GRPO too."""
+    from test_preference import REWARDS, method_config, write_pairs
+
+    (tmp_path / "toy_rewards.py").write_text(REWARDS)
+    data = write_pairs(tmp_path / "pairs.jsonl") if method == "dpo" else alpaca_file
+    extra = "grpo:\n  rewards: [toy_rewards:vowels]\n  num_generations: 2\n  max_completion_length: 6" \
+        if method == "grpo" else ""
+    cfg = method_config(tmp_path, tiny_model, data, method, extra=extra, steps=6)
+    sets = ["train.save_steps=1", "train.save_total_limit=2", "train.report_to=[]"]
+    ref = tmp_path / "ref"
+    assert main(["train", str(cfg), "--output", str(ref)] + sum([["--set", s] for s in sets], [])) == 0
+    out = tmp_path / "run"
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    # 1) kill -9 while a checkpoint is being written
+    p = subprocess.Popen(_cmd(cfg, out, *sets), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    deadline = time.time() + 300
+    while p.poll() is None and time.time() < deadline and not (out / ".staging").exists():
+        time.sleep(0.002)
+    assert p.poll() is None, p.stderr.read().decode()[-2000:]
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    _assert_complete_checkpoints(out, leftovers_ok=True)
+    # 2) SIGTERM: finish the step, save, exit 143
+    p = subprocess.Popen(_cmd(cfg, out, *sets) + ["--resume"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         env=env)
+    while p.poll() is None and time.time() < deadline and not (out / "checkpoint-2").exists():
+        time.sleep(0.01)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=300)
+    if p.returncode == 143:
+        assert json.loads((out / "summary.json").read_text())["status"] == "interrupted"
+    else:  # the run was already done when the signal came
+        assert p.returncode == 0, err.decode()[-2000:]
+    _assert_complete_checkpoints(out)
+    # 3) resume to the end: the same adapter as the uninterrupted run
+    r = subprocess.run(_cmd(cfg, out, *sets) + ["--resume"], capture_output=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    _assert_complete_checkpoints(out)
+    assert _max_diff(ref / "final" / "adapter_model.safetensors", out / "final" / "adapter_model.safetensors") < 1e-5

@@ -16,6 +16,10 @@ from .ui import console
 
 def check(args) -> int:
     cfg, warnings = load_config(args.config, args.overrides)
+    if cfg.train.method != "sft":  # preference pairs, GRPO prompts and rewards, classifier rows
+        from .methods.run import check_method
+
+        return check_method(cfg, args.config, warnings, args.examples)
     s = setup_data(cfg, Path(args.config).resolve().parent)
     report = check_examples(s)
     tok, st = s.tokenizer, s.stats

@@ -19,6 +19,9 @@ from typing import Any
 
 import yaml
 
+from .methods.sections import (METHODS, ClassifySection, DpoSection, GrpoSection, KtoSection, OrpoSection,
+                               SimpoSection, check_sections)
+
 
 class ConfigError(ValueError):
     """A user mistake in a config file or flag. The CLI prints it as one line and exits 2."""
@@ -157,6 +160,9 @@ class TrainSection:
     save_total_limit: int | None = None
     dataloader_num_workers: int = 0
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    method: str = "sft"
+    """sft, dpo, orpo, kto, simpo, grpo, reward or classify; method settings live in their own section
+    (dpo:, kto:, orpo:, simpo:, grpo:, classify:), see tunelab/methods/sections.py."""
 
 
 @dataclass
@@ -180,6 +186,12 @@ class RunConfig:
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    dpo: DpoSection = field(default_factory=DpoSection)
+    kto: KtoSection = field(default_factory=KtoSection)
+    orpo: OrpoSection = field(default_factory=OrpoSection)
+    simpo: SimpoSection = field(default_factory=SimpoSection)
+    grpo: GrpoSection = field(default_factory=GrpoSection)
+    classify: ClassifySection = field(default_factory=ClassifySection)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -200,10 +212,12 @@ CHOICES = {
     "quantization.compute_dtype": ["auto", "float32", "bfloat16", "float16"],
     "train.lr_scheduler_type": ["constant_with_warmup", "linear", "cosine", "constant",
                                 "cosine_with_restarts", "polynomial", "inverse_sqrt"],
+    "train.method": METHODS,
     "train.optim": ["adamw_torch", "adamw_torch_fused", "adamw_8bit", "adamw_bnb_8bit",
                     "paged_adamw_8bit", "paged_adamw_32bit", "adafactor", "sgd"],
 }
-DATA_FIELDS = ["instruction", "input", "output", "messages", "conversations", "prompt", "completion"]
+DATA_FIELDS = ["instruction", "input", "output", "messages", "conversations", "prompt", "completion", "chosen",
+               "rejected", "label"]
 
 
 def _fail(where: str, msg: str) -> typing.NoReturn:
@@ -404,7 +418,8 @@ def validate(cfg: RunConfig, where_of=lambda k: k) -> list[str]:
     if e.early_stopping_patience and not (d.test_size > 0 or d.eval_path):
         _fail(where_of("eval.early_stopping_patience"),
               "early stopping needs evaluation data: set data.test_size or data.eval_path")
-    if not 1e-5 <= t.learning_rate <= 5e-4:
+    check_sections(cfg, where_of, _fail, _did_you_mean)
+    if t.method == "sft" and not 1e-5 <= t.learning_rate <= 5e-4:
         warnings.append(f"train.learning_rate={t.learning_rate:g} is outside the usual 1e-5..5e-4 for LoRA/SFT")
     return warnings
 

@@ -311,7 +311,7 @@ def load_for_inference(spec: str, *, adapter: str | None = None, template: str |
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     is_full = weights is not None and (weights / "config.json").is_file() and not (weights / "adapter_config.json").is_file()
-    base_folder = weights if is_full else resolve_model(base_spec, rc.model.revision)
+    base_folder = weights if is_full else _base_folder(base_spec, rc.model.revision)
     tok_folder = weights if (weights is not None and (weights / "tokenizer_config.json").is_file()) else base_folder
     tok, _ = load_tokenizer(tok_folder, rc.model.pad_token)
     model = load_model(base_folder, tok, dtype=dt, device=dev,
@@ -334,6 +334,17 @@ def load_for_inference(spec: str, *, adapter: str | None = None, template: str |
     name = str(weights if weights is not None else spec)
     return Loaded(model, tok, template or rc.data.template, rc.data.system_prompt, name,
                   base_folder, adapter_path, dev, dt)
+
+
+def _base_folder(spec: str, revision: str | None) -> Path:
+    """resolve_model, and for a run trained from another run (model.name: runs/sft, issue 12) that
+    run's base: its adapter continued the earlier one, so it applies to the root base."""
+    p = Path(spec).expanduser()
+    if p.is_dir() and (p / "config.yaml").is_file():
+        from .methods.run import resolve_start
+
+        return resolve_start(spec, revision).base_folder
+    return resolve_model(spec, revision)
 
 
 def check_adapter_base(adapter: Path, base_folder: Path) -> None:

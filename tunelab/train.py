@@ -114,12 +114,15 @@ def build_model(s: Setup):
     return model
 
 
-def training_arguments(cfg: RunConfig, out: Path, device: str, dtype: torch.dtype, has_eval: bool):
+def training_arguments(cfg: RunConfig, out: Path, device: str, dtype: torch.dtype, has_eval: bool,
+                       args_class=None, **extra):
+    """transformers.TrainingArguments from the run config; `args_class` (a subclass such as TRL's
+    DPOConfig) and `extra` (its own fields) serve the methods in tunelab/methods."""
     from transformers import TrainingArguments
 
     t = cfg.train
     early = cfg.eval.early_stopping_patience > 0
-    return TrainingArguments(
+    return (args_class or TrainingArguments)(
         output_dir=str(out / STAGING),  # checkpoints are committed to `out` by callbacks.CommitCheckpoints
         # data.packing: one packed batch per optimizer step, the same examples and the same
         # trained-token normalisation as batch x accumulation (see tunelab/data/packing.py)
@@ -165,6 +168,7 @@ def training_arguments(cfg: RunConfig, out: Path, device: str, dtype: torch.dtyp
         # for unused ones; transformers' default (True for a PeftModel) costs a graph traversal per step
         # and makes every rank print a warning saying so.
         ddp_find_unused_parameters=False,
+        **extra,
     )
 
 
@@ -270,6 +274,10 @@ def peak_rss_gib() -> float:
 
 def run(cfg: RunConfig, out: Path, *, resume: bool = False, config_dir: Path | None = None) -> dict:
     """Train one run into `out`. Returns the summary (also written to out/summary.json)."""
+    if cfg.train.method != "sft":  # DPO, GRPO, KTO, ORPO, SimPO, reward, classify: tunelab/methods
+        from .methods.run import run_method
+
+        return run_method(cfg, out, resume=resume, config_dir=config_dir)
     t0 = time.perf_counter()
     # Under accelerate/torchrun every process runs this; only the main one checks and writes the run folder.
     main = int(os.environ.get("RANK", "0")) == 0
