@@ -11,6 +11,8 @@ Arms (same model, data, data order, max_seq_length, batch shape, optimizer, lear
                    checkpointing. What a user gets without tuning anything.
   tunelab-fp32     the same with model.dtype=float32: the exact-arithmetic twin of recipe-fp32
   tunelab-bf16     tunelab with model.dtype=bfloat16 (weights, adapter and compute in bf16)
+  tunelab-t1       tunelab's defaults on one intra-op thread (the thread-settings lever: on a busy
+                   machine every multi-threaded op waits for all its threads to be scheduled)
   tunelab-gc       tunelab's defaults with gradient checkpointing (reentrant), as recipe-fp32 has it: the
                    equal-memory comparison (packing a whole step into one row without
                    checkpointing keeps every layer's activations for ~3,000 tokens)
@@ -62,8 +64,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout's tunelab, not an installed one
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "train" / "alpaca_en_demo" / "data.json"
-ARMS = ["tunelab", "tunelab-fp32", "tunelab-bf16", "tunelab-gc", "recipe-fp32", "recipe-fp32-nogc", "recipe-shipped"]
-TUNELAB_DTYPE = {"tunelab": "auto", "tunelab-fp32": "float32", "tunelab-bf16": "bfloat16", "tunelab-gc": "auto"}
+ARMS = ["tunelab", "tunelab-fp32", "tunelab-bf16", "tunelab-gc", "tunelab-t1", "recipe-fp32", "recipe-fp32-nogc", "recipe-shipped"]
+TUNELAB_DTYPE = {"tunelab": "auto", "tunelab-fp32": "float32", "tunelab-bf16": "bfloat16", "tunelab-gc": "auto",
+                 "tunelab-t1": "auto"}
 TAG = "@@BENCH "
 
 
@@ -188,6 +191,8 @@ def worker(arm: str, a) -> None:
         return line == "go"
 
     steps = a.shipped_steps if arm == "recipe-shipped" else a.steps
+    if arm.endswith("-t1"):
+        torch.set_num_threads(1)
     trainer, model_info = (build_tunelab if arm.startswith("tunelab") else build_recipe)(arm, a, steps)
     counter = Counter(trainer.training_step)
     trainer.training_step = counter
@@ -281,6 +286,7 @@ def build_tunelab(arm, a, steps):
 
     prec = pick_precision(cfg.model.dtype, s.device)
     return trainer, {"arm": arm, "rows": len(s.train), "gradient_checkpointing": cfg.train.gradient_checkpointing,
+                     "torch_threads": torch.get_num_threads(),
                      "bf16": prec.compute == torch.bfloat16, "precision": prec.name,
                      "matmul_dtype": str(prec.compute).replace("torch.", ""), **_flop_params(model)}
 
@@ -326,6 +332,7 @@ def build_recipe(arm, a, steps):
     trainer = SFTTrainer(model=model, args=args, train_dataset=table, processing_class=tok, peft_config=peft_cfg)
     info = {"arm": arm, "rows": len(table), "bf16": bool(args.bf16),
             "precision": "bf16-mixed" if args.bf16 else "float32", "matmul_dtype": "bfloat16" if args.bf16 else "float32",
+            "torch_threads": torch.get_num_threads(),
             "gradient_checkpointing": bool(args.gradient_checkpointing), **_flop_params(trainer.model)}
     return trainer, info
 
@@ -386,6 +393,7 @@ def summarise(name, info, r, peaks: dict) -> dict:
     return {
         "arm": name, "bf16": info.get("bf16", False), "gradient_checkpointing": info.get("gradient_checkpointing", False),
         "precision": info.get("precision"), "matmul_dtype": info.get("matmul_dtype", "float32"),
+        "torch_threads": info.get("torch_threads"),
         "steps": len(steps), "timed_steps": len(steps[timed]),
         "step_seconds": [round(x, 2) for x in steps],
         "seconds_per_step": round(secs / max(1, len(steps[timed])), 2),
