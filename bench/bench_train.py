@@ -4,12 +4,16 @@
     .venv/bin/python bench/bench_train.py --arms tunelab,recipe-fp32 --steps 4 --out /tmp/bench.json
 
 Arms (same model, data, data order, max_seq_length, batch shape, optimizer, learning rate, steps):
-  tunelab          tunelab's Trainer: fp32, data.packing (one padding-free row per optimizer step,
-                   per-example attention), train.chunked_loss (logits only where labels exist);
-                   no gradient checkpointing
-  tunelab-bf16     tunelab with model.dtype=bfloat16 (weights, adapter and compute in bf16): the
-                   choice for a CPU with native bf16 (AVX512_BF16/AMX), against recipe-shipped
-  tunelab-gc       the same with gradient checkpointing (reentrant), as recipe-fp32 has it: the
+  tunelab          tunelab's defaults: model.dtype=auto (bf16-mixed on a CPU with native bf16, i.e.
+                   fp32 weights and optimizer state with bf16 autocast; float32 where bf16 would be
+                   emulated), data.packing (one padding-free row per optimizer step, per-example
+                   attention), train.chunked_loss (logits only where labels exist); no gradient
+                   checkpointing. What a user gets without tuning anything.
+  tunelab-fp32     the same with model.dtype=float32: the exact-arithmetic twin of recipe-fp32
+  tunelab-bf16     tunelab with model.dtype=bfloat16 (weights, adapter and compute in bf16)
+  tunelab-t1       tunelab's defaults on one intra-op thread (the thread-settings lever: on a busy
+                   machine every multi-threaded op waits for all its threads to be scheduled)
+  tunelab-gc       tunelab's defaults with gradient checkpointing (reentrant), as recipe-fp32 has it: the
                    equal-memory comparison (packing a whole step into one row without
                    checkpointing keeps every layer's activations for ~3,000 tokens)
   recipe-shipped   TRL SFTTrainer as users run it: prompt/completion data, completion-only loss,
@@ -25,9 +29,11 @@ hold. A step is timed from the baton to the end of the optimizer step: it includ
 loading of the step, forward, backward, gradient clipping, the optimizer and the scheduler.
 The first step of each arm is a warm-up and is left out of the averages (reported apart).
 
-Model FLOPs utilisation (MFU) against the machine's fp32 matmul peak, measured here
-(best of square fp32 matmuls 2048..4096 on all threads, before and after the arms; the higher
-is used):
+Model FLOPs utilisation (MFU) against the machine's matmul peaks, measured here in the same run
+(best of square matmuls 2048..4096 on all threads, fp32 and bf16, before and after the arms; the
+higher of each is used). `mfu` is against the peak of the dtype the arm's matmuls ran in (bf16 for
+bf16 weights or bf16 autocast, fp32 otherwise); `mfu_best_peak` against the best of the two peaks
+(on an AVX2-only CPU bf16 is emulated and its peak is the lower one):
   per non-pad token: 4 N (forward 2N + input-gradient 2N through the frozen base; LoRA's own
   FLOPs and gradient-checkpointing recomputation are not counted), N = the parameters that
   multiply activations (every Linear of the decoder + the output head; a tied embedding counted
@@ -56,8 +62,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's tunelab, not an installed one
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "train" / "alpaca_en_demo" / "data.json"
-ARMS = ["tunelab", "tunelab-bf16", "tunelab-gc", "recipe-fp32", "recipe-fp32-nogc", "recipe-shipped"]
+ARMS = ["tunelab", "tunelab-fp32", "tunelab-bf16", "tunelab-gc", "tunelab-t1", "recipe-fp32", "recipe-fp32-nogc", "recipe-shipped"]
+TUNELAB_DTYPE = {"tunelab": "auto", "tunelab-fp32": "float32", "tunelab-bf16": "bfloat16", "tunelab-gc": "auto",
+                 "tunelab-t1": "auto"}
 TAG = "@@BENCH "
 
 
@@ -78,12 +87,12 @@ def reset_hwm() -> bool:
         return False
 
 
-def matmul_peak_gflops(sizes=(2048, 3072, 4096), reps=3) -> float:
+def matmul_peak_gflops(sizes=(2048, 3072, 4096), reps=3, dtype: str = "float32") -> float:
     import torch
 
     best = 0.0
     for n in sizes:
-        a, b = torch.randn(n, n), torch.randn(n, n)
+        a, b = torch.randn(n, n, dtype=getattr(torch, dtype)), torch.randn(n, n, dtype=getattr(torch, dtype))
         a @ b
         for _ in range(reps):
             t = time.perf_counter()
@@ -92,23 +101,29 @@ def matmul_peak_gflops(sizes=(2048, 3072, 4096), reps=3) -> float:
     return best
 
 
+SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16",
+              "amx_int8", "amx_fp16")
+
+
 def machine() -> dict:
     import torch
 
-    cpu = ""
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    flags = ""
-    try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags"))
-    except (OSError, StopIteration):
-        pass
+    from tunelab.models import cpu_has_native, cpu_info
+
+    cpu, flags = cpu_info()
     return {"cpu": cpu or platform.processor(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch_interop_threads": torch.get_num_interop_threads(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "cpu_flags": [f for f in SIMD_FLAGS if f in flags], "native_bf16": cpu_has_native(torch.bfloat16),
             "avx512": "avx512f" in flags, "avx512_bf16": "avx512_bf16" in flags, "amx": "amx_tile" in flags,
             "torch": torch.__version__, "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def load_avg() -> list[float]:
@@ -162,7 +177,7 @@ class Counter:
 
 def worker(arm: str, a) -> None:
     import torch
-    from transformers import TrainerCallback, set_seed
+    from transformers import TrainerCallback
 
     def send(kind, **kw):
         sys.stdout.write(TAG + json.dumps({"kind": kind, **kw}) + "\n")
@@ -176,6 +191,8 @@ def worker(arm: str, a) -> None:
         return line == "go"
 
     steps = a.shipped_steps if arm == "recipe-shipped" else a.steps
+    if arm.endswith("-t1"):
+        torch.set_num_threads(1)
     trainer, model_info = (build_tunelab if arm.startswith("tunelab") else build_recipe)(arm, a, steps)
     counter = Counter(trainer.training_step)
     trainer.training_step = counter
@@ -236,11 +253,13 @@ def _flop_params(model) -> dict:
 
 
 def build_tunelab(arm, a, steps):
+    import torch
+
     from tunelab.config import config_from_dict, validate
     from tunelab.train import build_model, make_trainer, setup_data, training_arguments
 
     cfg = config_from_dict({
-        "model": {"name": a.model, "dtype": "bfloat16" if arm == "tunelab-bf16" else "float32"},
+        "model": {"name": a.model, "dtype": TUNELAB_DTYPE[arm]},
         "data": {"path": str(a.data), "format": "alpaca", "template": "alpaca", "max_seq_length": a.max_seq_length,
                  "max_rows": a.max_rows, "packing": True, "pack_max_tokens": a.pack_max_tokens},
         "lora": {"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": _lora_modules()},
@@ -258,9 +277,13 @@ def build_tunelab(arm, a, steps):
     args = training_arguments(cfg, Path(a.tmp) / arm, s.device, s.dtype, has_eval=False)
     args.save_strategy = "no"
     trainer = make_trainer(model, args, s, interactive=False)  # no progress bar, overfit watch, signal handler
+    from tunelab.models import pick_precision
+
+    prec = pick_precision(cfg.model.dtype, s.device)
     return trainer, {"arm": arm, "rows": len(s.train), "gradient_checkpointing": cfg.train.gradient_checkpointing,
-                     "bf16": cfg.model.dtype == "bfloat16",
-                     **_flop_params(model)}
+                     "torch_threads": torch.get_num_threads(),
+                     "bf16": prec.compute == torch.bfloat16, "precision": prec.name,
+                     "matmul_dtype": str(prec.compute).replace("torch.", ""), **_flop_params(model)}
 
 
 def build_recipe(arm, a, steps):
@@ -303,6 +326,8 @@ def build_recipe(arm, a, steps):
                           target_modules=_lora_modules())
     trainer = SFTTrainer(model=model, args=args, train_dataset=table, processing_class=tok, peft_config=peft_cfg)
     info = {"arm": arm, "rows": len(table), "bf16": bool(args.bf16),
+            "precision": "bf16-mixed" if args.bf16 else "float32", "matmul_dtype": "bfloat16" if args.bf16 else "float32",
+            "torch_threads": torch.get_num_threads(),
             "gradient_checkpointing": bool(args.gradient_checkpointing), **_flop_params(trainer.model)}
     return trainer, info
 
@@ -345,11 +370,15 @@ class Arm:
 
     def finish(self):
         self.result = self.read("done")
-        self.proc.wait(timeout=120)
+        try:  # its figures are in; a worker slow to exit on a busy machine must not fail the run
+            self.proc.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
         self.log.close()
 
 
-def summarise(name, info, r, peak_gflops) -> dict:
+def summarise(name, info, r, peaks: dict) -> dict:
     steps = r["step_s"]
     timed = slice(1, None) if len(steps) > 1 else slice(0, None)
     secs, toks = sum(steps[timed]), sum(r["tokens"][timed])
@@ -358,8 +387,12 @@ def summarise(name, info, r, peak_gflops) -> dict:
     attn_flops = 6 * info["d_attn"] * attn * L
     flops = 4 * (info["n_body"] + info["n_head"]) * toks + attn_flops
     flops_strict = 4 * info["n_body"] * toks + 4 * info["n_head"] * trained + attn_flops
+    peak_gflops = peaks[info.get("matmul_dtype", "float32")]
+    best = max(peaks.values())
     return {
         "arm": name, "bf16": info.get("bf16", False), "gradient_checkpointing": info.get("gradient_checkpointing", False),
+        "precision": info.get("precision"), "matmul_dtype": info.get("matmul_dtype", "float32"),
+        "torch_threads": info.get("torch_threads"),
         "steps": len(steps), "timed_steps": len(steps[timed]),
         "step_seconds": [round(x, 2) for x in steps],
         "seconds_per_step": round(secs / max(1, len(steps[timed])), 2),
@@ -370,6 +403,8 @@ def summarise(name, info, r, peak_gflops) -> dict:
         "gflops_per_second": round(flops / secs / 1e9, 2) if secs else None,
         "mfu": round(flops / secs / 1e9 / peak_gflops, 4) if secs else None,
         "mfu_strict": round(flops_strict / secs / 1e9 / peak_gflops, 4) if secs else None,
+        "mfu_best_peak": round(flops / secs / 1e9 / best, 4) if secs else None,
+        "mfu_strict_best_peak": round(flops_strict / secs / 1e9 / best, 4) if secs else None,
         "attention_share_of_flops": round(attn_flops / flops, 4) if flops else None,
         "peak_rss_train_gib": round(r["peak_rss_train_gib"], 3),
         "peak_rss_process_gib": round(r["peak_rss_process_gib"], 3),
@@ -420,7 +455,9 @@ def main(argv=None) -> int:
     started = datetime.now(timezone.utc)
     load_before = load_avg()
     peak_before = matmul_peak_gflops()
-    print(f"fp32 matmul peak (before): {peak_before:.1f} GFLOP/s; load average {load_before}", flush=True)
+    bf16_before = matmul_peak_gflops(dtype="bfloat16")
+    print(f"matmul peaks (before): fp32 {peak_before:.1f}, bf16 {bf16_before:.1f} GFLOP/s; "
+          f"load average {load_before}", flush=True)
     workers = []
     for name in arms:
         workers.append(Arm(name, a, passthrough))
@@ -444,10 +481,12 @@ def main(argv=None) -> int:
         rnd += 1
     for w in workers:
         w.finish()
+    load_end = load_avg()
     peak_after = matmul_peak_gflops()
+    bf16_after = matmul_peak_gflops(dtype="bfloat16")
     peak = max(peak_before, peak_after)
-    rows = [summarise(w.name, w.info, w.result, peak) for w in workers]
-    by = {r["arm"]: r for r in rows}
+    bf16_peak = max(bf16_before, bf16_after)
+    rows = [summarise(w.name, w.info, w.result, {"float32": peak, "bfloat16": bf16_peak}) for w in workers]
     ratios = {}
     for t in rows:
         if not t["arm"].startswith("tunelab"):
@@ -465,8 +504,12 @@ def main(argv=None) -> int:
     result = {
         "benchmark": "train", "command": "python bench/bench_train.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "started_utc": started.isoformat(timespec="seconds"), "commit": git_commit(), "machine": machine(),
-        "load_average_before": load_before, "load_average_after": load_avg(),
+        "threads": {"torch": torch_threads(), "cores": os.cpu_count()},
+        "load_average_before": load_before, "load_average_after": load_end,
         "fp32_matmul_peak_gflops": {"before": round(peak_before, 1), "after": round(peak_after, 1), "used": round(peak, 1)},
+        "bf16_matmul_peak_gflops": {"before": round(bf16_before, 1), "after": round(bf16_after, 1),
+                                    "used": round(bf16_peak, 1)},
+        "best_matmul_peak_gflops": round(max(peak, bf16_peak), 1),
         "setup": {"model": a.model, "data": str(a.data), "max_seq_length": a.max_seq_length, "batch": a.batch,
                   "accum": a.accum, "steps": a.steps, "shipped_steps": a.shipped_steps, "lr": a.lr,
                   "max_rows": a.max_rows, "pack_max_tokens": a.pack_max_tokens},
@@ -475,13 +518,17 @@ def main(argv=None) -> int:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    hdr = f"{'arm':18} {'tok/s':>8} {'s/step':>8} {'1st step s':>10} {'MFU':>6} {'MFU*':>6} {'peak RSS GiB':>12} {'final loss':>10}"
+    hdr = (f"{'arm':18} {'precision':>10} {'tok/s':>8} {'s/step':>8} {'1st step s':>10} {'MFU':>6} {'MFU*':>6} "
+           f"{'MFUbest':>7} {'peak RSS GiB':>12} {'final loss':>10}")
     print("\n" + hdr + "\n" + "-" * len(hdr))
     for r in rows:
-        print(f"{r['arm']:18} {r['tokens_per_second']:>8} {r['seconds_per_step']:>8} {r['first_step_seconds']:>10} "
-              f"{100 * r['mfu']:>5.1f}% {100 * r['mfu_strict']:>5.1f}% {r['peak_rss_train_gib']:>12.2f} {r['final_loss']:>10}")
-    print(f"(MFU against the measured fp32 matmul peak {peak:.1f} GFLOP/s; MFU* counts the output head only at "
-          f"trained positions; peak RSS is the arm's process during training)")
+        print(f"{r['arm']:18} {r['precision']:>10} {r['tokens_per_second']:>8} {r['seconds_per_step']:>8} "
+              f"{r['first_step_seconds']:>10} {100 * r['mfu']:>5.1f}% {100 * r['mfu_strict']:>5.1f}% "
+              f"{100 * r['mfu_best_peak']:>6.1f}% {r['peak_rss_train_gib']:>12.2f} {r['final_loss']:>10}")
+    print(f"(MFU against the measured matmul peak of the dtype the arm's matmuls ran in: fp32 {peak:.1f}, "
+          f"bf16 {bf16_peak:.1f} GFLOP/s; MFUbest against the best of them; MFU* counts the output head only at "
+          f"trained positions; peak RSS is the arm's process during training; load average "
+          f"{load_before} -> {load_end})")
     for arm, rr in ratios.items():
         print(f"{arm}: {rr['speedup_tokens_per_second']}x tokens/s, peak RSS x{rr['peak_rss_train_ratio']}, "
               f"max |loss diff| {rr['max_abs_loss_diff']}, same tokens per step: {rr['same_tokens_per_step']}")

@@ -31,6 +31,7 @@ def tiny_config(tmp_path, tiny_model, alpaca_file):
     p.write_text(f"""
 model:
   name: {tiny_model}
+  dtype: float32  # exact-arithmetic comparisons hold on every CPU; model.dtype=auto: tests/test_precision.py
 data:
   path: {alpaca_file}
   test_size: 0.1

@@ -37,7 +37,9 @@ class ModelConfig:
     revision: str | None = None
     """Hub revision (branch, tag or commit) for a hub id."""
     dtype: str = "auto"
-    """Weights/compute dtype: auto (bf16 on a GPU that has it, fp32 on CPU), float32, bfloat16, float16."""
+    """Weights/compute dtype: auto, float32, bfloat16, float16, or bf16-mixed (fp32 weights and optimizer state,
+    bf16 matmuls under autocast). auto: bf16 on a GPU that has it; bf16-mixed on a CPU with native bf16
+    (AVX512_BF16/AMX); float32 on a CPU that would emulate bf16."""
     pad_token: str = "auto"
     """Pad token. auto keeps the tokenizer's pad if it differs from EOS, otherwise picks an unused special token."""
     attn_implementation: str = "sdpa"
@@ -201,7 +203,7 @@ class RunConfig:
 # Loading: YAML with line numbers, strict typing, --set overrides.
 
 CHOICES = {
-    "model.dtype": ["auto", "float32", "bfloat16", "float16"],
+    "model.dtype": ["auto", "float32", "bfloat16", "float16", "bf16-mixed"],
     "model.device": ["auto", "cpu", "cuda"],
     "model.attn_implementation": ["sdpa", "eager", "flash_attention_2"],
     "data.format": ["alpaca", "chat", "sharegpt", "prompt_completion"],

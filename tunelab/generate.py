@@ -138,6 +138,39 @@ def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
+def decode_threads(model, rows: int, reps: int = 5) -> int:
+    """Intra-op threads for CPU decoding: the current count, or 1 where one thread is faster right now.
+
+    A decoding step is a few hundred tiny matmuls ([rows, hidden] x [hidden, intermediate]); with
+    several threads each one ends in a barrier that waits for every thread to be scheduled. On a busy
+    machine (more runnable threads than cores) that wait is a scheduler time slice per matmul: 17 tokens
+    of SmolLM2 took 80-106 s with 2 threads and 4.5-5.0 s with 1 on this 2-core CPU at load 15-17. The
+    cheapest honest test is to time that very matmul both ways now (median of `reps`, a few ms on an idle
+    machine, ~0.1 s on a busy one) and keep the faster."""
+    n = torch.get_num_threads()
+    if n == 1:
+        return 1
+    cfg = getattr(model, "config", None)
+    hidden = getattr(cfg, "hidden_size", 1024)
+    inter = getattr(cfg, "intermediate_size", 4 * hidden)
+    a, w = torch.randn(max(1, rows), hidden), torch.randn(hidden, inter)
+
+    def median_seconds(k: int) -> float:
+        torch.set_num_threads(k)
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            a @ w
+            times.append(time.perf_counter() - t)
+        return sorted(times)[reps // 2]
+
+    try:
+        many, one = median_seconds(n), median_seconds(1)
+    finally:
+        torch.set_num_threads(n)
+    return 1 if one < many else n
+
+
 @torch.inference_mode()
 def generate_batch(loaded, prompts: list[str | Example], params: GenParams, template: str | None = None,
                    stream=None) -> list[Completion]:
@@ -164,8 +197,14 @@ def generate_batch(loaded, prompts: list[str | Example], params: GenParams, temp
         kwargs["stopping_criteria"] = [_StopStrings(tok, params.stop, width)]
     if stream is not None and len(prompts) == 1:
         kwargs["streamer"] = _TerminalStream(tok, params.stop, stream)
-    torch.manual_seed(params.seed)
-    out = model.generate(input_ids=input_ids.to(loaded.device), attention_mask=mask.to(loaded.device), **kwargs)
+    threads = torch.get_num_threads()
+    if loaded.device == "cpu":  # decode on one thread where the machine is too busy for several (see decode_threads)
+        torch.set_num_threads(decode_threads(model, len(prompts)))
+    torch.manual_seed(params.seed)  # after the probe's random matrices: sampling stays reproducible
+    try:
+        out = model.generate(input_ids=input_ids.to(loaded.device), attention_mask=mask.to(loaded.device), **kwargs)
+    finally:
+        torch.set_num_threads(threads)
     results = []
     for i, p in enumerate(prompts):
         new = out[i, width:].tolist()

@@ -30,7 +30,7 @@ from .data.preflight import PreflightError, check_examples
 from .fsutil import atomic_write_text, commit_dir, is_disk_full, remove_tree
 from .loss import chunked_causal_lm_loss
 from .models import (context_window, dtype_warning, load_model, load_tokenizer, pick_device, pick_dtype,
-                     resolve_model)
+                     pick_precision, resolve_model)
 from .rundir import (CONFIG, FINAL, STAGING, SUMMARY, checkpoints, newest_checkpoint, resume_checkpoint,
                      saved_step)
 from .ui import RichProgress, console, warn
@@ -150,7 +150,9 @@ def training_arguments(cfg: RunConfig, out: Path, device: str, dtype: torch.dtyp
         max_grad_norm=t.max_grad_norm,
         gradient_checkpointing=t.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": t.gradient_checkpointing_use_reentrant},
-        bf16=dtype == torch.bfloat16,
+        # bf16=True is torch.autocast(bfloat16) through accelerate, on CPU too; with fp32 weights that is
+        # bf16-mixed (model.dtype=auto on a native-bf16 CPU, tunelab/models.py pick_precision)
+        bf16=dtype == torch.bfloat16 or pick_precision(cfg.model.dtype, device).autocast == torch.bfloat16,
         fp16=dtype == torch.float16 and device == "cuda",
         use_cpu=device == "cpu",
         report_to=list(t.report_to),
@@ -203,6 +205,11 @@ class TunelabTrainer(Trainer):
         if not torch.isfinite(loss).all():
             raise NonFinite(f"loss is {loss.item()} at step {self.state.global_step + 1}", rows)
         return loss
+
+    def autocast_smart_context_manager(self, cache_enabled=True):
+        # accelerate autocasts model.forward only; the chunked loss calls the decoder directly, so
+        # training_step/prediction_step enter the same autocast here (a no-op without mixed precision)
+        return self.accelerator.autocast()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # train.chunked_loss: logits only where labels exist, in chunks (tunelab/loss.py); eval
@@ -296,12 +303,14 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, config_dir: Path | N
         warn(w)
     if s.pad_note:
         console.print(f"[dim]tokenizer: {s.pad_note}[/dim]")
-    dw = dtype_warning(s.dtype, s.device)
+    precision = pick_precision(cfg.model.dtype, s.device)
+    dw = dtype_warning(precision.compute, s.device)
     if dw:
         warn(dw)
+    console.print(f"precision: {precision.name} ({precision.reason})")
     method = ("QLoRA (4-bit base)" if cfg.quantization.load_in_4bit else "LoRA") if cfg.lora.enabled else "full fine-tune"
     console.print(f"[bold]tunelab[/bold] {method} of {cfg.model.name} on {s.device}, compute dtype "
-                  f"{str(s.dtype).replace('torch.', '')}; {s.stats.train_rows} train / {s.stats.eval_rows} eval rows")
+                  f"{precision.name}; {s.stats.train_rows} train / {s.stats.eval_rows} eval rows")
     from transformers import set_seed
 
     set_seed(cfg.train.seed)  # LoRA's A matrices are drawn at wrap time: seed before, not only in Trainer
@@ -416,7 +425,8 @@ def make_summary(trainer, result, s: Setup, out: Path, wall: float, method: str)
         "method": method,
         "model": s.cfg.model.name,
         "device": s.device,
-        "compute_dtype": str(s.dtype).replace("torch.", ""),
+        "compute_dtype": pick_precision(s.cfg.model.dtype, s.device).name,  # bf16-mixed: fp32 weights, bf16 matmuls
+        "precision": pick_precision(s.cfg.model.dtype, s.device).to_dict(),
         "global_step": trainer.state.global_step,
         "max_steps": trainer.state.max_steps,
         "epochs": rnd(trainer.state.epoch),
