@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--examples", type=int, default=1, help="rendered examples to show")
 
-    from . import export, generate, serve, sweep
+    from . import export, generate, plan, serve, sweep
     from .evaluate import compare, harness, judge, report
 
     generate.add_parser(sub)
@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_parser(sub)
     export.add_parser(sub)
     serve.add_parser(sub)
+    plan.add_parser(sub)
 
     p = sub.add_parser("config", help="print the resolved config (defaults + file + --set) as YAML")
     p.add_argument("config", nargs="?", help="run YAML file (omit for the defaults)")
@@ -169,13 +170,14 @@ def main(argv: list[str] | None = None) -> int:
     from .evaluate.report import cmd_report
     from .export import cmd_export
     from .generate import cmd_generate
+    from .plan import cmd_plan
     from .serve import cmd_serve
     from .sweep import cmd_sweep
 
     handlers = {"train": cmd_train, "check": cmd_check, "config": cmd_config, "generate": cmd_generate,
                 "eval": cmd_eval, "compare": cmd_compare, "blind": cmd_blind, "judge": cmd_judge,
                 "report": cmd_report, "sweep": cmd_sweep,
-                "export": cmd_export, "serve": cmd_serve}
+                "export": cmd_export, "serve": cmd_serve, "plan": cmd_plan}
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError, ModelError, PreflightError, TrainingError, DiskFullError) as e:
