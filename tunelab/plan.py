@@ -934,7 +934,7 @@ def _current_device(device_name: str) -> Device:
 
         props = torch.cuda.get_device_properties(0)
         for d in GPUS.values():  # a known GPU gets its datasheet peaks
-            if d.name.replace("-", "").lower().split("-")[0] in props.name.replace(" ", "").lower():
+            if d.name.lower().split("-")[0] in props.name.replace(" ", "").lower():
                 return dataclasses.replace(d, mem_gib=props.total_memory / GIB)
         return Device(props.name, props.total_memory / GIB, 100.0, 20.0, True, "this GPU")
     return cpu_device()
