@@ -5,8 +5,10 @@
 
 Each config trains --steps optimizer steps (no evaluation, no checkpoint) in its own process; the
 step time is the median of steps 2..N (step 1 warms up), the peak is the process's VmHWM (peak RSS)
-after training, which is what the plan's cpu estimate predicts. The machine's load average is
-recorded before and after: on a shared 2-core machine the time is only as good as that load.
+after training, which is what the plan's cpu estimate predicts. The machine's load average and the
+fp32 matmul rate just before and after training are recorded: on a shared 2-core machine a step is only
+as fast as the share of the cores it gets, so the test also evaluates the plan's time model at that
+measured rate (FLOP count x efficiency, separated from the load).
 The JSON is a list of measured points that tests/test_plan.py compares with the estimator.
 """
 
@@ -25,6 +27,21 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 OVERRIDES = ["train.eval_steps=100000", "train.save_steps=100000", "eval.eval_on_start=false",
              "train.logging_steps=1", "train.report_to=[]"]
+
+
+def matmul_gflops(n: int = 2048, reps: int = 3) -> float:
+    """Best fp32 matmul rate of this process right now (all torch threads): the machine's peak under the
+    load of the moment, which the plan's time model divides by."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = 0.0
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = max(best, 2 * n**3 / (time.perf_counter() - t) / 1e9)
+    return best
 
 
 def worker(config: str, steps: int, out: str) -> None:
@@ -56,11 +73,14 @@ def worker(config: str, steps: int, out: str) -> None:
 
     train.make_trainer = make_timed
     cfg, _ = load_config(config, OVERRIDES + [f"train.max_steps={steps}", "train.warmup_steps=0"])
+    before = matmul_gflops()
     summary = train.run(cfg, Path(out), config_dir=(REPO / config).parent)
+    after = matmul_gflops()
     timed = sorted(times[1:]) or times
     print("@@" + json.dumps({"step_times_s": [round(t, 3) for t in times],
                              "s_per_step": round(timed[len(timed) // 2], 3),
-                             "peak_rss_gib": summary["peak_rss_gib"]}))
+                             "peak_rss_gib": summary["peak_rss_gib"],
+                             "matmul_gflops_before_after": [round(before, 1), round(after, 1)]}))
 
 
 def main() -> None:

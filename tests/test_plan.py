@@ -39,15 +39,18 @@ def _measured_points():
 @pytest.mark.slow
 @pytest.mark.parametrize("point", _measured_points(), ids=lambda p: p["id"])
 def test_this_machines_measured_runs(point):
-    """bench/bench_plan.py trained these configs here; its JSON is committed.
+    """bench/bench_plan.py trained these configs here; its JSON is committed. Memory within 20%.
 
-    Memory: within 20%. Time: within 35% of the median step; that figure was measured on a
-    2-core machine shared with other jobs (its load average is in the JSON), so the tolerance is
-    widened by the load: a step under load L on 2 cores takes up to ~L/2 times the quiet one."""
+    Time within 35%, with the plan's time model evaluated at the fp32 matmul rate measured around the
+    run: this 2-core machine is shared with other jobs (load average 7-8 per core while it was
+    measured), which slows matmuls and training steps alike; the plan's own figure assumes the
+    quiet machine's 191 GFLOP/s and is only held to 35% when the run was measured on a quiet machine
+    (load average per core <= 1.5)."""
     r = plan.check_measured(point, REPO)
     assert abs(r["memory_ratio"] - 1) <= 0.20, r
-    load = max(1.0, point["load_avg_before"][0] / point["cpu_count"], point["load_avg_after"][0] / point["cpu_count"])
-    assert 1 / (1.35 * load) <= r["time_ratio"] <= 1.35, r
+    assert abs(r["time_ratio_at_measured_rate"] - 1) <= 0.35, r
+    if max(point["load_avg_before"][0], point["load_avg_after"][0]) / point["cpu_count"] <= 1.5:
+        assert abs(r["time_ratio"] - 1) <= 0.35, r
 
 
 def test_validation_points_are_extensible():

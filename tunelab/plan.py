@@ -1048,7 +1048,14 @@ def check_measured(point: dict, repo: Path) -> dict:
     w = workload_from_config(cfg, prof, dev)
     mem = estimate_memory(shape, w, dev)
     tm = estimate_time(shape, w, dev)
+    rate = point.get("matmul_gflops_before_after")
+    at_load = None
+    if rate:  # the same model at the matmul rate measured around the run (the machine's share at the time)
+        g = sum(rate) / len(rate) / 1000
+        at_load = estimate_time(shape, w, dataclasses.replace(dev, tflops32=g, tflops16=g * CPU_GFLOPS_BF16 / CPU_GFLOPS_FP32))
     return {"id": point["id"], "memory_est_gib": round(mem.total / GIB, 3), "memory_gib": point["peak_rss_gib"],
             "memory_ratio": round(mem.total / GIB / point["peak_rss_gib"], 3),
             "s_per_step_est": [round(x, 2) for x in tm.s_per_step], "s_per_step": point["s_per_step"],
-            "time_ratio": round(tm.s_per_step[1] / point["s_per_step"], 3), "tokens": why or prof.source}
+            "time_ratio": round(tm.s_per_step[1] / point["s_per_step"], 3),
+            "time_ratio_at_measured_rate": round(at_load.s_per_step[1] / point["s_per_step"], 3) if at_load else None,
+            "tokens": why or prof.source}
