@@ -598,7 +598,7 @@ def read_data(cfg, config_dir: Path | None) -> tuple[DataProfile | None, str]:
     prev = os.environ.get("HF_DATASETS_OFFLINE")
     os.environ["HF_DATASETS_OFFLINE"] = "1"  # plan never downloads
     try:
-        train, evals, stats, _ = prepare(cfg.data, tok, base=config_dir)
+        train, evals, _, _ = prepare(cfg.data, tok, base=config_dir)
     except Exception as e:
         return None, f"data not readable offline ({type(e).__name__}: {str(e).splitlines()[0][:120]}); every row assumed max_seq_length"
     finally:
@@ -660,7 +660,10 @@ def _steps_stats(cfg, prof: DataProfile | None, n_gpus: int) -> dict:
             tok.append(s_tok)
             sq.append(s_sq)
             passes.append(math.ceil(len(ls) / B))
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+
+    def mean(xs):
+        return sum(xs) / len(xs)
+
     return dict(tokens_per_step=mean(tok), trained_per_step=mean(trn), attn_sq=mean(sq), tokens_per_pass=peak,
                 trained_per_pass=peak_tr, passes=mean(passes), rows=len(lens), real_per_step=mean(real))
 
@@ -702,7 +705,7 @@ def workload_from_config(cfg, prof: DataProfile | None, device: Device, n_gpus: 
         trained_per_step=st["trained_per_step"], attn_sq_per_step=st["attn_sq"], passes_per_step=st["passes"],
         steps=steps, eval_tokens=eval_tokens, n_evals=n_evals,
         kv_tokens=t.per_device_eval_batch_size * eval_len,
-        reference_model=objective in ("dpo", "orpo", "kto", "simpo") and objective != "simpo",
+        reference_model=objective in ("dpo", "kto"),  # ORPO and SimPO need no reference model
         n_gpus=n_gpus, shard=(n_gpus > 1) if shard is None else shard,
         tokens_note=(prof.source if prof else f"every row assumed {d.max_seq_length} tokens"))
 
