@@ -58,6 +58,11 @@ def test_validation_points_are_extensible():
     for p in plan.VALIDATION:
         assert p["source"] and p["model"] in plan.BUILTIN_SHAPES and p["device"] in plan.GPUS
         assert {"memory_gib", "fits"} & set(p["measured"]) and {"tokens_per_s", "total_s"} & set(p["measured"])
+    # the shape bench/gpu_qlora.py writes (a made-up result, only to check the conversion is usable)
+    result = {"seq": 2048, "min_len": 512, "batch": 2, "accum": 8,
+              "arms": [{"arm": "tunelab", "tokens_per_step": 20480, "tokens_per_second": 1.0, "peak_gpu_gib": 1.0}]}
+    r = plan.check_point(plan.point_from_gpu_qlora(result, "tunelab", "H200", "today"))
+    assert r["memory_est_gib"] > 5 and r["time_unit"] == "tokens/s" and len(r["time_est"]) == 3
 
 
 # ---------------------------------------------------------------------------------------------

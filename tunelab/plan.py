@@ -947,7 +947,8 @@ def _current_device(device_name: str) -> Device:
 # Validation: published single-GPU figures (cited) and this machine's measured runs
 # (bench/results/plan_validation.json, written by bench/bench_plan.py). tests/test_plan.py checks
 # every point: memory within 25% (published) / 20% (measured here), time as each point says.
-# To add a measured point (e.g. from bench/gpu_qlora.py on a GPU), append a dict of this shape.
+# To add a measured point, append a dict of this shape (from bench/gpu_qlora.py's JSON:
+# VALIDATION.append(point_from_gpu_qlora(json.load(f), "tunelab", "H200", "2026-..."))).
 
 _LLAMA_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _TORCHTUNE_TARGETS = ("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # lora_attn_modules
@@ -1014,6 +1015,28 @@ VALIDATION: list[dict] = [
      "why": "45 min is 6-7x the FLOP model's estimate with the same efficiency that matches the T4 and litgpt; "
             "the recipe's notes don't say what the 45 min include (download, loading, evaluation on a Colab)"},
 ]
+
+
+def point_from_gpu_qlora(result: dict, arm: str, device: str, date: str) -> dict:
+    """A VALIDATION point from bench/gpu_qlora.py's gpu_qlora.json (Llama-3-8B shapes, synthetic rows of
+    min_len..seq tokens, LoRA r16 on the 7 projections, checkpointing, adamw_8bit): append it to VALIDATION."""
+    r = next(x for x in result["arms"] if x.get("arm") == arm)
+    seq, batch, accum = result["seq"], result["batch"], result["accum"]
+    mean_len = (result["min_len"] + seq) / 2
+    packed = arm == "tunelab"
+    step_tokens = batch * accum * (mean_len if packed else (result["min_len"] + 2 * seq) / 3)  # E[max of 2 uniform]
+    return {"id": f"bench/gpu_qlora.py {arm} arm, 1x {device}", "source": f"bench/gpu_qlora.py on {device}, {date}",
+            "model": "meta-llama/Meta-Llama-3-8B", "device": device,
+            "workload": dict(method="qlora", compute_bytes=2, quant_bits=NF4_BITS[True], lora_r=16,
+                             lora_targets=_LLAMA_ALL, optim="adamw_8bit", gradient_checkpointing=True,
+                             chunked_loss=packed, tokens_per_pass=min(4096, batch * seq) if packed else batch * seq,
+                             tokens_per_step=float(r["tokens_per_step"] if isinstance(r.get("tokens_per_step"), (int, float))
+                                                   else step_tokens),
+                             attn_sq_per_step=batch * accum * mean_len ** 2, passes_per_step=1 if packed else accum,
+                             steps=None),
+            "measured": {"memory_gib": r["peak_gpu_gib"], "memory_kind": "allocated",
+                         "tokens_per_s": r["tokens_per_second"]},
+            "time_check": True}
 
 
 def check_point(p: dict) -> dict:
