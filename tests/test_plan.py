@@ -32,23 +32,43 @@ def test_published_figures(point):
 
 
 def _measured_points():
+    """This machine's runs: bench/bench_plan.py's JSON, plus the tunelab arms of bench/bench_train.py's
+    quiet-machine runs (BENCHMARKS.md), rebuilt as configs. Two of the latter (pack 4096 and 512 of
+    train_3arm*.json) calibrated CPU_ACTIVATION_FACTOR and all of them CPU_EFFICIENCY (plan.py), so for
+    those this is a drift check; the others are out of sample for memory."""
+    points = []
     f = REPO / "bench" / "results" / "plan_validation.json"
-    return json.loads(f.read_text()) if f.is_file() else []
+    if f.is_file():
+        points += json.loads(f.read_text())
+    for name in ("train_3arm", "train_3arm_pack512", "train_bf16_pack512", "train_pack1024", "train_gc_pack1024"):
+        d = json.loads((REPO / "bench" / "results" / f"{name}.json").read_text())
+        pack = int(d["command"].split("--pack-max-tokens ")[1].split()[0]) if "--pack-max-tokens" in d["command"] else 4096
+        for arm in d["arms"]:
+            if not arm["arm"].startswith("tunelab"):
+                continue
+            points.append({
+                "id": f"bench/results/{name}.json {arm['arm']}", "config": "configs/smollm2-alpaca.yaml",
+                "overrides": ["data.only_empty_input=false", "data.test_size=0", "data.drop_untrainable=false",
+                              "data.max_seq_length=512", "data.packing=true", f"data.pack_max_tokens={pack}",
+                              "train.per_device_train_batch_size=2", "train.gradient_accumulation_steps=8",
+                              f"train.gradient_checkpointing={str(arm['gradient_checkpointing']).lower()}",
+                              f"model.dtype={'bfloat16' if arm['bf16'] else 'float32'}", "train.warmup_steps=0"],
+                "s_per_step": arm["seconds_per_step"], "peak_rss_gib": arm["peak_rss_train_gib"],
+                "load_avg_before": d["load_average_before"], "load_avg_after": d["load_average_after"],
+                "cpu_count": 2, "matmul_gflops_before_after": [d["fp32_matmul_peak_gflops"]["used"]]})
+    return points
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("point", _measured_points(), ids=lambda p: p["id"])
 def test_this_machines_measured_runs(point):
-    """bench/bench_plan.py trained these configs here; its JSON is committed. Memory within 20%.
-
-    Time within 35%, with the plan's time model evaluated at the fp32 matmul rate measured around the
-    run: this 2-core machine is shared with other jobs (load average 7-8 per core while it was
-    measured), which slows matmuls and training steps alike; the plan's own figure assumes the
-    quiet machine's 191 GFLOP/s and is only held to 35% when the run was measured on a quiet machine
-    (load average per core <= 1.5)."""
+    """Memory within 20% of the measured peak RSS. Time within 35% of the measured s/step, asserted only
+    for runs measured on a quiet machine (load average per core <= 1.5): this 2-core machine is shared
+    with other jobs, and under a load of 7 per core (bench_plan's demo run, 2026-11-29 19:57 UTC) a
+    training step slowed 50x against 11x for one large matmul (oversubscribed OpenMP threads wait on
+    each other), so no CPU time model predicts it; that run checks memory only."""
     r = plan.check_measured(point, REPO)
     assert abs(r["memory_ratio"] - 1) <= 0.20, r
-    assert abs(r["time_ratio_at_measured_rate"] - 1) <= 0.35, r
     if max(point["load_avg_before"][0], point["load_avg_after"][0]) / point["cpu_count"] <= 1.5:
         assert abs(r["time_ratio"] - 1) <= 0.35, r
 
@@ -169,14 +189,23 @@ def _json_out(fn, argv):
     (["--set", "model.name=acme/secret-model-9b"], "plan needs acme/secret-model-9b/config.json"),
     (["--gpus", "0"], "--gpus must be >= 1"),
 ])
-def test_bad_input_is_one_line(tmp_path, argv, expected):
+def test_bad_input_is_one_line(tmp_path, argv, expected, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = tmp_path / "run.yaml"
     cfg.write_text("model: {name: meta-llama/Meta-Llama-3-8B}\ndata: {path: x.jsonl}\n")
-    r = subprocess.run([sys.executable, "-m", "tunelab", "plan", str(cfg), "--no-data"] + argv,
-                       capture_output=True, text=True, cwd=tmp_path, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
-    assert r.returncode == 2, r.stderr
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and "kernels" not in ln and "warnings.warn" not in ln]
-    assert len(lines) == 1 and expected in lines[0], r.stderr
+    assert main(["plan", str(cfg), "--no-data"] + argv) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and expected in lines[0] and "Traceback" not in err, err
+
+
+def test_unknown_gpu_in_a_real_process(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model: {name: meta-llama/Meta-Llama-3-8B}\ndata: {path: x.jsonl}\n")
+    r = subprocess.run([sys.executable, "-m", "tunelab", "plan", str(cfg), "--gpu", "v100"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("tunelab plan: error: --gpu v100: unknown device; known: T4,")
 
 
 def test_builtin_table_offline_and_local_config(tmp_path, tiny_model):
