@@ -293,6 +293,9 @@ saved-tensor count. Measured: BENCHMARKS.md runs A and B (same config, pack 4096
 CPU_EFFICIENCY = (0.40, 0.55, 0.65)
 """tunelab's measured MFU on this CPU, head counted at trained positions only (BENCHMARKS.md:
 51.7-58.7% quiet); the low end allows for the 2 cores being shared."""
+CPU_EFFICIENCY_BF16 = (0.24, 0.32, 0.40)
+"""bf16 on this CPU (native AVX512_BF16): tunelab-bf16 trained at 70% of the fp32 peak = 32% of the bf16
+peak (BENCHMARKS.md run C): the elementwise work around the matmuls does not speed up with bf16."""
 GPU_EFFICIENCY = {"lora": (0.25, 0.40, 0.75), "full": (0.25, 0.40, 0.75), "qlora": (0.20, 0.33, 0.75)}
 """Published single-GPU runs, as a fraction of the datasheet peak (FLOPs counted as below):
 litgpt Llama-3-8B QLoRA on an A10G 0.32 (incl. its validation), torchtune Llama-3.1-8B QLoRA on a
@@ -544,7 +547,7 @@ def estimate_time(shape: Shape, w: Workload, device: Device) -> Timing:
         peak = device.tflops16  # fp16 tensor cores (tunelab's auto dtype picks fp16 where bf16 is missing)
         note = "fp16 (no bf16 on this GPU)"
     if cpu:
-        eff = CPU_EFFICIENCY
+        eff = CPU_EFFICIENCY if w.compute_bytes == 4 else CPU_EFFICIENCY_BF16
     else:
         sat = w.tokens_per_pass / (w.tokens_per_pass + SATURATION_TOKENS)
         eff = tuple(e * sat for e in GPU_EFFICIENCY[w.method])
