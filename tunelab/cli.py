@@ -61,6 +61,8 @@ COMMANDS = [
             "tunelab.serve:add_parser", "tunelab.serve:cmd_serve"),
     Command("data", "data workbench: stats, dedup, decontaminate, filter, mix, synth",
             "tunelab.datatools.cli:add_parser", "tunelab.datatools.cli:cmd_data"),
+    Command("plan", "will this run fit and how long will it take, per GPU (before anything is downloaded)",
+            "tunelab.plan:add_parser", "tunelab.plan:cmd_plan"),
     Command("config", "print the resolved config (defaults + file + --set) as YAML",
             "tunelab.cli:_config_parser", "tunelab.cli:cmd_config", libraries=False),
 ]

@@ -311,6 +311,7 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, config_dir: Path | N
     method = ("QLoRA (4-bit base)" if cfg.quantization.load_in_4bit else "LoRA") if cfg.lora.enabled else "full fine-tune"
     console.print(f"[bold]tunelab[/bold] {method} of {cfg.model.name} on {s.device}, compute dtype "
                   f"{precision.name}; {s.stats.train_rows} train / {s.stats.eval_rows} eval rows")
+    console.print(f"[dim]{_plan_call('memory_line', cfg, s) or 'plan: no estimate for this model'}[/dim]")
     from transformers import set_seed
 
     set_seed(cfg.train.seed)  # LoRA's A matrices are drawn at wrap time: seed before, not only in Trainer
@@ -335,6 +336,12 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, config_dir: Path | N
     previous = {sig: signal.signal(sig, stop.handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except torch.OutOfMemoryError as e:  # CUDA OOM: the plan's advice, not a traceback
+        last = newest_checkpoint(out)
+        advice = _plan_call("oom_advice", cfg, s) or "lower train.per_device_train_batch_size or data.max_seq_length"
+        raise TrainingError(f"out of memory on {s.device} at step {trainer.state.global_step + 1} "
+                            f"({str(e).splitlines()[0][:120]}); {advice}; last checkpoint: "
+                            f"{last.name if last else 'none'}") from None
     except NonFinite as e:
         last = newest_checkpoint(out)
         rows = ""
@@ -407,6 +414,17 @@ def save_failed(e: Exception, out: Path, main: bool) -> TrainingError:
                              f"free space and resume with --resume")
     return TrainingError(f"saving {name} in {out} failed ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
                          f"{intact}")
+
+
+def _plan_call(name: str, cfg: RunConfig, s: Setup) -> str | None:
+    """tunelab plan's one-line memory estimate / OOM advice. Never lets the planner break training."""
+    try:
+        from . import plan
+
+        return getattr(plan, name)(cfg, s.train, s.device)
+    except Exception as e:  # an unknown architecture, an odd config.json: training goes on without the line
+        log.debug("plan: %s failed: %s", name, e)
+        return None
 
 
 def make_summary(trainer, result, s: Setup, out: Path, wall: float, method: str) -> dict:

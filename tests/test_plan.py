@@ -1,0 +1,249 @@
+"""`tunelab plan`: the estimator against published and measured figures, the command, the train hooks."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tunelab import plan
+from tunelab.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: fails when the estimator drifts from the figures it was validated on.
+
+
+@pytest.mark.parametrize("point", plan.VALIDATION, ids=[p["id"] for p in plan.VALIDATION])
+def test_published_figures(point):
+    """Each point is cited in its `source` (pytorch/torchtune README, litgpt config_hub, RECIPE.md)."""
+    r = plan.check_point(point)
+    if "memory_gib" in point["measured"]:
+        assert abs(r["memory_ratio"] - 1) <= 0.25, r  # issue 14: within 25% of the published peak
+    if point["measured"].get("fits"):
+        assert r["verdict"] != plan.NO, r  # the recipe ran on that GPU
+    if point["time_check"]:
+        assert r["time_in_range"], r
+    else:
+        assert point["why"]  # a published time outside the range says why
+
+
+def _measured_points():
+    """This machine's runs: bench/bench_plan.py's JSON, plus the tunelab arms of bench/bench_train.py's
+    quiet-machine runs (BENCHMARKS.md), rebuilt as configs. Two of the latter (pack 4096 and 512 of
+    train_3arm*.json) calibrated CPU_ACTIVATION_FACTOR and all of them CPU_EFFICIENCY (plan.py), so for
+    those this is a drift check; the others are out of sample for memory."""
+    points = []
+    f = REPO / "bench" / "results" / "plan_validation.json"
+    if f.is_file():
+        points += json.loads(f.read_text())
+    for name in ("train_3arm", "train_3arm_pack512", "train_bf16_pack512", "train_pack1024", "train_gc_pack1024"):
+        d = json.loads((REPO / "bench" / "results" / f"{name}.json").read_text())
+        pack = int(d["command"].split("--pack-max-tokens ")[1].split()[0]) if "--pack-max-tokens" in d["command"] else 4096
+        for arm in d["arms"]:
+            if not arm["arm"].startswith("tunelab"):
+                continue
+            points.append({
+                "id": f"bench/results/{name}.json {arm['arm']}", "config": "configs/smollm2-alpaca.yaml",
+                "overrides": ["data.only_empty_input=false", "data.test_size=0", "data.drop_untrainable=false",
+                              "data.max_seq_length=512", "data.packing=true", f"data.pack_max_tokens={pack}",
+                              "train.per_device_train_batch_size=2", "train.gradient_accumulation_steps=8",
+                              f"train.gradient_checkpointing={str(arm['gradient_checkpointing']).lower()}",
+                              f"model.dtype={'bfloat16' if arm['bf16'] else 'float32'}", "train.warmup_steps=0"],
+                "s_per_step": arm["seconds_per_step"], "peak_rss_gib": arm["peak_rss_train_gib"],
+                "load_avg_before": d["load_average_before"], "load_avg_after": d["load_average_after"],
+                "cpu_count": 2, "matmul_gflops_before_after": [d["fp32_matmul_peak_gflops"]["used"]]})
+    return points
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", _measured_points(), ids=lambda p: p["id"])
+def test_this_machines_measured_runs(point):
+    """Memory within 20% of the measured peak RSS. Time within 35% of the measured s/step, asserted only
+    for runs measured on a quiet machine (load average per core <= 1.5): this 2-core machine is shared
+    with other jobs, and under a load of 7 per core (bench_plan's demo run, 2026-11-29 19:57 UTC) a
+    training step slowed 50x against 11x for one large matmul (oversubscribed OpenMP threads wait on
+    each other), so no CPU time model predicts it; that run checks memory only."""
+    r = plan.check_measured(point, REPO)
+    assert abs(r["memory_ratio"] - 1) <= 0.20, r
+    if max(point["load_avg_before"][0], point["load_avg_after"][0]) / point["cpu_count"] <= 1.5:
+        assert abs(r["time_ratio"] - 1) <= 0.35, r
+
+
+def test_validation_points_are_extensible():
+    """The lead adds GPU points as dicts: each needs a cited source and a measured figure."""
+    for p in plan.VALIDATION:
+        assert p["source"] and p["model"] in plan.BUILTIN_SHAPES and p["device"] in plan.GPUS
+        assert {"memory_gib", "fits"} & set(p["measured"]) and {"tokens_per_s", "total_s"} & set(p["measured"])
+    # the shape bench/gpu_qlora.py writes (a made-up result, only to check the conversion is usable)
+    result = {"seq": 2048, "min_len": 512, "batch": 2, "accum": 8,
+              "arms": [{"arm": "tunelab", "tokens_per_step": 20480, "tokens_per_second": 1.0, "peak_gpu_gib": 1.0}]}
+    r = plan.check_point(plan.point_from_gpu_qlora(result, "tunelab", "H200", "today"))
+    assert r["memory_est_gib"] > 5 and r["time_unit"] == "tokens/s" and len(r["time_est"]) == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# The model: pieces that can be checked by hand
+
+
+def test_memory_parts_by_hand():
+    s = plan.BUILTIN_SHAPES["meta-llama/Meta-Llama-3-8B"]
+    assert s.total_params == pytest.approx(8.03e9, rel=0.002)  # Meta-Llama-3-8B: 8,030,261,248 parameters
+    gpu = plan.get_device("A100-80")
+    w = plan.Workload(method="lora", compute_bytes=2, lora_r=16, tokens_per_pass=1, steps=1)
+    m = plan.estimate_memory(s, w, gpu)
+    assert m.parts["weights"] == pytest.approx(s.total_params * 2)
+    n_lora = 32 * 16 * sum(a + b for a, b in s.module_dims().values())  # 41.9M: r x (in + out) per module
+    assert m.parts["adapter"] == n_lora * 4 and m.parts["optimizer"] == n_lora * 8
+    q = plan.estimate_memory(s, plan.Workload(method="qlora", compute_bytes=2, quant_bits=plan.NF4_BITS[True],
+                                              tokens_per_pass=1), gpu)
+    assert plan.NF4_BITS[True] == pytest.approx(4.127, abs=1e-3)
+    assert q.parts["weights"] < 0.5 * m.parts["weights"]
+    # activations grow with tokens; checkpointing cuts them; 8-bit AdamW is a quarter of fp32 AdamW
+    a1 = plan.estimate_memory(s, plan.Workload(tokens_per_pass=1024), gpu).parts["activations"]
+    a2 = plan.estimate_memory(s, plan.Workload(tokens_per_pass=2048), gpu).parts["activations"]
+    gc = plan.estimate_memory(s, plan.Workload(tokens_per_pass=2048, gradient_checkpointing=True), gpu)
+    assert a2 == pytest.approx(2 * a1) and gc.parts["activations"] < a2 / 5
+    full = plan.Workload(method="full", compute_bytes=2, tokens_per_pass=1)
+    o32 = plan.estimate_memory(s, full, gpu).parts["optimizer"]
+    o8 = plan.estimate_memory(s, plan.Workload(**{**full.__dict__, "optim": "paged_adamw_8bit"}), gpu).parts["optimizer"]
+    assert o8 == pytest.approx(o32 / 2)  # bf16 AdamW states (4 bytes/param) vs 8-bit (2 bytes/param)
+    # the unchunked loss holds the logits of every token; tunelab's chunked loss one chunk
+    big = plan.estimate_memory(s, plan.Workload(tokens_per_pass=4096, chunked_loss=False), gpu).parts["logits"]
+    small = plan.estimate_memory(s, plan.Workload(tokens_per_pass=4096), gpu).parts["logits"]
+    assert big == 4096 * s.vocab * 12 and small == 1024 * s.vocab * 10
+
+
+def test_flops_by_hand():
+    s = plan.BUILTIN_SHAPES["meta-llama/Meta-Llama-3-8B"]
+    n = s.layers * s.layer_linear_params + s.vocab * s.hidden
+    full = plan.flops_per_step(s, plan.Workload(method="full", tokens_per_step=1000))
+    lora = plan.flops_per_step(s, plan.Workload(method="lora", tokens_per_step=1000))
+    assert full == pytest.approx(6 * n * 1000)
+    assert lora == pytest.approx(4 * n * 1000, rel=0.02)  # + LoRA's own 6 x 42M
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+
+def test_plan_json_on_tiny_model(tiny_config, capsys):
+    assert main(["plan", str(tiny_config), "--json", "--gpu", "T4"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    (e,) = r["devices"]
+    assert "config.json" in r["shape_source"] and "train rows tokenized" in r["tokens_source"]
+    assert e["device"] == "T4" and e["verdict"] == "fits" and e["steps"] == 4
+    assert {"weights", "adapter", "gradients", "optimizer", "activations", "logits", "framework"} <= set(e["parts_gib"])
+    assert e["s_per_step"][0] <= e["s_per_step"][1] <= e["s_per_step"][2]
+
+
+def test_plan_table_names_every_device(tiny_config, capsys):
+    assert main(["plan", str(tiny_config)]) == 0
+    out = capsys.readouterr().out
+    for name in plan.device_names():
+        assert name in out
+    assert "activations" in out and "fits" in out
+
+
+def test_advice_is_a_change_that_fits(tmp_path):
+    """Llama-3-8B full fine-tune on a 24 GB GPU: the advice, applied as --set, makes the plan fit."""
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model: {name: meta-llama/Meta-Llama-3-8B, device: cuda, dtype: bfloat16}\n"
+                   "data: {path: x.jsonl, max_seq_length: 2048}\nlora: {enabled: false}\n")
+    from tunelab.config import load_config
+
+    first = _json_out(main, ["plan", str(cfg), "--json", "--gpu", "A10G", "--no-data"])
+    e = first["devices"][0]
+    assert e["verdict"] == plan.NO and e["advice"]
+    sets = e["advice"]["set"]
+    assert all(not s.startswith("--") for s in sets)
+    fixed = _json_out(main, ["plan", str(cfg), "--json", "--gpu", "A10G", "--no-data"] + sum((["--set", s] for s in sets), []))
+    assert fixed["devices"][0]["verdict"] == plan.FIT
+    load_config(cfg, sets)  # the advice is a valid config
+    # a 70B full fine-tune fits no single 24 GB GPU by any change: more GPUs, sharded with FSDP
+    cfg.write_text(cfg.read_text().replace("Meta-Llama-3-8B", "Meta-Llama-3-70B"))
+    e = _json_out(main, ["plan", str(cfg), "--json", "--gpu", "A10G", "--no-data"])["devices"][0]
+    assert e["verdict"] == plan.NO and "FSDP" in e["advice"]["change"], e["advice"]
+    sets = [x for x in e["advice"]["set"] if not x.startswith("--")]
+    n = e["advice"]["set"][-1].split("--num-processes ")[1].split()[0]
+    sharded = _json_out(main, ["plan", str(cfg), "--json", "--gpu", "A10G", "--no-data", "--gpus", n]
+                        + sum((["--set", x] for x in sets), []))
+    assert sharded["devices"][0]["verdict"] == plan.FIT and sharded["devices"][0]["n_gpus"] == int(n)
+
+
+def _json_out(fn, argv):
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert fn(argv) == 0
+    return json.loads(buf.getvalue())
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--gpu", "V100"], "--gpu V100: unknown device; known: T4, L4, A10G, A100-40, A100-80, H100, H200, RTX4090, cpu"),
+    (["--set", "model.name=acme/secret-model-9b"], "plan needs acme/secret-model-9b/config.json"),
+    (["--gpus", "0"], "--gpus must be >= 1"),
+])
+def test_bad_input_is_one_line(tmp_path, argv, expected, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model: {name: meta-llama/Meta-Llama-3-8B}\ndata: {path: x.jsonl}\n")
+    assert main(["plan", str(cfg), "--no-data"] + argv) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and expected in lines[0] and "Traceback" not in err, err
+
+
+def test_unknown_gpu_in_a_real_process(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model: {name: meta-llama/Meta-Llama-3-8B}\ndata: {path: x.jsonl}\n")
+    r = subprocess.run([sys.executable, "-m", "tunelab", "plan", str(cfg), "--gpu", "v100"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("tunelab plan: error: --gpu v100: unknown device; known: T4,")
+
+
+def test_builtin_table_offline_and_local_config(tmp_path, tiny_model):
+    s, src = plan.find_shape("meta-llama/Meta-Llama-3.1-8B-Instruct")
+    assert src == "built-in table" and s.hidden == 4096
+    assert plan.find_shape("Qwen/Qwen2.5-7B-Instruct")[0].intermediate == 18944
+    s, src = plan.find_shape(str(tiny_model))
+    assert src.endswith("config.json") and s.layers == json.loads((tiny_model / "config.json").read_text())["num_hidden_layers"]
+
+
+# ---------------------------------------------------------------------------------------------
+# `tunelab train`: the one-line estimate, a planner that fails, CUDA OOM
+
+
+def test_train_prints_the_plan_line(tmp_path, tiny_config, capsys):
+    assert main(["train", str(tiny_config), "--output", str(tmp_path / "a"), "--set", "train.max_steps=1"]) == 0
+    err = capsys.readouterr().err
+    assert "plan: ~" in err and "GiB peak estimated" in err and "on cpu" in err
+
+
+def test_a_broken_planner_never_stops_training(tmp_path, tiny_config, monkeypatch, capsys):
+    def boom(*a, **k):
+        raise KeyError("num_attention_heads")
+
+    monkeypatch.setattr(plan, "memory_line", boom)
+    assert main(["train", str(tiny_config), "--output", str(tmp_path / "a"), "--set", "train.max_steps=1"]) == 0
+    assert "plan: no estimate" in capsys.readouterr().err
+
+
+def test_cuda_oom_names_the_plans_advice(tmp_path, tiny_config, monkeypatch, capsys):
+    import torch
+    from transformers import Trainer
+
+    def oom(self, *a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Trainer, "train", oom)
+    assert main(["train", str(tiny_config), "--output", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "out of memory on cpu at step 1" in err and "tunelab plan estimates" in err
