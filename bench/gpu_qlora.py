@@ -128,7 +128,7 @@ def worker(arm, a):
     steps = a.steps + 1
     if arm == "recipe":
         import datasets
-        from trl import SFTConfig, SFTTrainer
+        from trl import SFTConfig
 
         ds = datasets.Dataset.from_dict({"input_ids": [r["input_ids"] for r in rows],
                                          "completion_mask": [[0 if x == -100 else 1 for x in r["labels"]] for r in rows]})

@@ -70,7 +70,7 @@ def test_row_counts_oversample_and_mix_command_writes_the_file(tmp_path, tiny_mo
     assert len({r["instruction"] for r in rows if r["instruction"].startswith("Say")}) == 30  # every row, then repeats
     prov = json.loads((tmp_path / "mixed.jsonl.provenance.json").read_text())
     assert prov["mix"] == {str(a): 10, str(b): 45} and prov["dropped"] == {"not drawn by the mix (data.sources)": 50}
-    r2 = run_cli("mix", cfg_path, "--out", tmp_path / "again.jsonl")
+    run_cli("mix", cfg_path, "--out", tmp_path / "again.jsonl")
     assert (tmp_path / "again.jsonl").read_text() == out.read_text()
 
 

@@ -5,7 +5,7 @@ import pytest
 from tunelab.config import DataConfig
 from tunelab.data.pipeline import IGNORE_INDEX, Collator, prepare, tokenize_example
 from tunelab.data.sources import DataError
-from tunelab.data.templates import ALPACA_PROMPT, Example, encode_prompt, render_prompt
+from tunelab.data.templates import Example, encode_prompt, render_prompt
 from tunelab.models import load_tokenizer
 
 

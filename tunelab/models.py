@@ -60,7 +60,7 @@ def embedded_gguf(name: str) -> Path:
     return path
 
 
-def _gguf_cache_folder(gguf: Path, label: str) -> Path:
+def gguf_cache_folder(gguf: Path, label: str) -> Path:
     st = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
     return cache_dir() / "models" / f"{label}-{key}"
@@ -71,7 +71,7 @@ def convert_gguf(gguf: Path, label: str | None = None) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     label = label or gguf.stem
-    target = _gguf_cache_folder(gguf, label)
+    target = gguf_cache_folder(gguf, label)
     if (target / "config.json").is_file():
         return target
     log.info("converting %s to safetensors (once; cached in %s)", gguf.name, target)

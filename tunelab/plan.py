@@ -155,12 +155,12 @@ def shape_from_config_json(path: Path) -> Shape:
 def find_shape(spec: str, revision: str | None = None) -> tuple[Shape, str]:
     """(shape, where it came from), without the network: a local folder, the embedded model's cached
     conversion, the local HF cache, then the built-in table. ModelError names the file it needs."""
-    from .models import EMBEDDED, ModelError, _gguf_cache_folder, embedded_gguf
+    from .models import EMBEDDED, ModelError, gguf_cache_folder, embedded_gguf
 
     p = Path(spec).expanduser()
     if spec in EMBEDDED:
         try:  # the embedded model's converted folder, when `tunelab train` made it once already
-            cached = _gguf_cache_folder(embedded_gguf(spec), spec) / "config.json"
+            cached = gguf_cache_folder(embedded_gguf(spec), spec) / "config.json"
             if cached.is_file():
                 return shape_from_config_json(cached), str(cached)
         except ModelError:
@@ -168,7 +168,7 @@ def find_shape(spec: str, revision: str | None = None) -> tuple[Shape, str]:
         return _builtin(spec), "built-in table"
     if spec.endswith(".gguf"):
         if p.is_file():
-            cached = _gguf_cache_folder(p, p.stem) / "config.json"
+            cached = gguf_cache_folder(p, p.stem) / "config.json"
             if cached.is_file():
                 return shape_from_config_json(cached), str(cached)
         raise ModelError(f"model: plan needs the model's shape; {spec} has not been converted yet: run "

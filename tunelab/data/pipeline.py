@@ -93,7 +93,7 @@ def tokenize_example(tokenizer, template: str, ex: Example, max_seq_length: int,
                             turn_starts=starts)
 
 
-def _percentiles(lengths: list[int]) -> dict[str, int]:
+def percentiles(lengths: list[int]) -> dict[str, int]:
     if not lengths:
         return {}
     s = sorted(lengths)
@@ -208,7 +208,7 @@ def prepare(cfg: DataConfig, tokenizer, base: Path | None = None):
                 stats.total_tokens += len(tex.input_ids)
             out.append(tex)
         if count_stats:
-            stats.length_percentiles = _percentiles(lengths)
+            stats.length_percentiles = percentiles(lengths)
         return out
 
     train = tokenize_all(table, True)

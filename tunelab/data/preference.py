@@ -160,7 +160,7 @@ def encode_response(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
-def _split(cfg: DataConfig, items: list, wheres: list[str], stats) -> tuple[list, list]:
+def split_train_eval(cfg: DataConfig, items: list, wheres: list[str], stats) -> tuple[list, list]:
     """Shuffle, max_rows and test_size exactly as the SFT pipeline does (datasets' shuffle/split)."""
     import datasets
 
@@ -206,7 +206,7 @@ def load_pairs(cfg: DataConfig, tokenizer, base: Path | None = None):
     pairs = read(cfg.path)
     if not pairs:
         raise DataError(f"{cfg.path}: no usable preference pairs ({_drops(stats)})")
-    train, evals = _split(cfg, pairs, [p.where for p in pairs], stats)
+    train, evals = split_train_eval(cfg, pairs, [p.where for p in pairs], stats)
     if cfg.eval_path:
         evals = read(cfg.eval_path)
     tok_train = _tokenize_pairs(cfg, tokenizer, train, stats, count=True)
@@ -332,7 +332,7 @@ def load_unpaired(cfg: DataConfig, tokenizer, base: Path | None = None):
         return out
 
     items = read(cfg.path)
-    train, evals = _split(cfg, items, [w for w, _, _ in items], stats)
+    train, evals = split_train_eval(cfg, items, [w for w, _, _ in items], stats)
     if cfg.eval_path:
         evals = read(cfg.eval_path)
 
@@ -400,7 +400,7 @@ def load_prompts(cfg: DataConfig, tokenizer, base: Path | None = None):
         return out
 
     items = read(cfg.path)
-    train, evals = _split(cfg, items, [p.where for p in items], stats)
+    train, evals = split_train_eval(cfg, items, [p.where for p in items], stats)
     if cfg.eval_path:
         evals = read(cfg.eval_path)
     stats.train_rows, stats.eval_rows = len(train), len(evals)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..data.pipeline import _percentiles
+from ..data.pipeline import percentiles
 from .common import (add_input_args, example_text, guard_outputs, load_from_args, main_script, progress,
                      reading_options, write_json)
 from .dedup import DEFAULTS, check_settings, find_duplicates
@@ -75,7 +75,7 @@ def compute_stats(ds, tokenizer=None, template: str = "alpaca", system_prompt: s
         "fields": fields,
         "scripts": dict(sorted(scripts.items(), key=lambda kv: -kv[1])),
         "length_unit": unit,
-        "lengths": _percentiles(lengths) | ({"mean": round(sum(lengths) / len(lengths), 1)} if lengths else {}),
+        "lengths": percentiles(lengths) | ({"mean": round(sum(lengths) / len(lengths), 1)} if lengths else {}),
         "duplicates": {"exact": dup.exact, "near": dup.near, "threshold": threshold, "clusters": len(dup.clusters)},
         "longest": [{"where": usable[i].where, "length": lengths[i], "text": texts[i][:160]} for i in order[::-1][:5]],
         "shortest": [{"where": usable[i].where, "length": lengths[i], "text": texts[i][:160]} for i in order[:5]],

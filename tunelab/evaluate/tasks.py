@@ -256,9 +256,9 @@ TASK_FILE_KEYS = {"name", "kind", "path", "context", "choices", "gold", "target"
                   "description", "regex", "max_new_tokens", "stop", "fewshot_path", "template"}
 
 
-def _fmt(template, row: dict, where: str):
+def fill_template(template, row: dict, where: str):
     if isinstance(template, list):
-        return [_fmt(t, row, where) for t in template]
+        return [fill_template(t, row, where) for t in template]
     if not isinstance(template, str):
         return template
     m = re.fullmatch(r"\{(\w+)\}", template)
@@ -362,10 +362,10 @@ def load_task_file(path: Path) -> Task:
         out = []
         for row in rows:
             where = f"{data_path}:{row.get('__line__', '?')}"
-            ctx = _fmt(spec["context"], row, where)
+            ctx = fill_template(spec["context"], row, where)
             if kind == "multiple_choice":
-                choices = _fmt(spec["choices"], row, where)
-                gold = _fmt(spec["gold"], row, where)
+                choices = fill_template(spec["choices"], row, where)
+                gold = fill_template(spec["gold"], row, where)
                 if not isinstance(choices, list) or not choices:
                     raise TaskError(f"{where}: choices must be a non-empty list")
                 choices = [str(c) for c in choices]
@@ -378,9 +378,9 @@ def load_task_file(path: Path) -> Task:
                     raise TaskError(f"{where}: gold index {gold} out of range for {len(choices)} choices")
                 out.append(Item(str(ctx), choices, gold))
             elif kind == "generate":
-                out.append(Item(str(ctx), target=str(_fmt(spec["target"], row, where)).strip()))
+                out.append(Item(str(ctx), target=str(fill_template(spec["target"], row, where)).strip()))
             else:
-                out.append(Item(str(ctx), response=str(_fmt(spec["response"], row, where))))
+                out.append(Item(str(ctx), response=str(fill_template(spec["response"], row, where))))
         return out
 
     t = Task(str(spec.get("name", path.stem)), kind, items_of(data),

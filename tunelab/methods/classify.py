@@ -36,12 +36,12 @@ class LabelStats:
 
 def load_labelled(cfg, tokenizer, base: Path | None = None):
     """Rows of text (+ optional text pair) and a label -> tokenized examples; labels mapped to 0..K-1."""
-    from ..data.preference import _split
+    from ..data.preference import split_train_eval
 
     c, d = cfg.classify, cfg.data
     stats = LabelStats()
 
-    class _S:  # _split counts drops on this
+    class _S:  # split_train_eval counts drops on this
         def drop(self, reason, where):
             stats.dropped[reason] = stats.dropped.get(reason, 0) + 1
 
@@ -77,7 +77,7 @@ def load_labelled(cfg, tokenizer, base: Path | None = None):
     except TypeError:
         labels = sorted(counts, key=str)
     index = {v: i for i, v in enumerate(labels)}
-    train, evals = _split(d, items, [x[0] for x in items], _S())
+    train, evals = split_train_eval(d, items, [x[0] for x in items], _S())
     if d.eval_path:
         evals = read(d.eval_path)
 

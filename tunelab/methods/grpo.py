@@ -32,7 +32,7 @@ def _task_reward(path: Path, answer_field: str):
     import yaml
 
     from ..evaluate.scoring import exact_match
-    from ..evaluate.tasks import TaskError, _fmt, load_task_file
+    from ..evaluate.tasks import TaskError, fill_template, load_task_file
 
     try:
         task = load_task_file(path)
@@ -48,7 +48,7 @@ def _task_reward(path: Path, answer_field: str):
         out = []
         for i, text in enumerate(completions):
             row = {k: v[i] for k, v in columns.items() if isinstance(v, list) and len(v) == len(completions)}
-            target = str(_fmt(target_tpl, row, str(row.get(WHERE, "?")))).strip()
+            target = str(fill_template(target_tpl, row, str(row.get(WHERE, "?")))).strip()
             cut = min((j for j in (text.find(s) for s in task.stop) if j >= 0), default=len(text))
             out.append(exact_match(text[:cut], target, task.regex))
         return out
