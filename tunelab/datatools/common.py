@@ -307,7 +307,7 @@ def write_rows_with_provenance(out: Path, rows: list[dict], prov: Provenance) ->
 # ---- progress -----------------------------------------------------------------------------------
 
 def progress():
-    """A rich progress bar with ETA on stderr (hidden under pytest when stderr is not a terminal)."""
+    """A rich progress bar with ETA on stderr."""
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
 
