@@ -46,6 +46,21 @@ def test_export_lora_safetensors_and_gguf_f16(tmp_path, trained, capsys):
 
     g = AutoModelForCausalLM.from_pretrained(str(out), gguf_file="model-f16.gguf", dtype=torch.float32)
     assert torch.allclose(g.state_dict()[k], merged[k].float(), atol=2e-3)
+    # issue 17.2/17.5: the training template (alpaca here) travels in tokenizer_config, the GGUF and the Modelfile
+    from gguf import GGUFReader
+    from transformers import AutoTokenizer
+
+    from tunelab.data.templates import Example, render_prompt
+
+    etok = AutoTokenizer.from_pretrained(str(out))
+    msgs = [{"role": "user", "content": "Add 12 and 30."}]
+    want = render_prompt("alpaca", Example(instruction="Add 12 and 30."))
+    assert etok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == want
+    field = GGUFReader(str(out / "model-f16.gguf")).fields["tokenizer.chat_template"]
+    assert bytes(field.parts[field.data[0]]).decode() == etok.chat_template
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == etok.eos_token_id
+    mf = (out / "Modelfile").read_text()
+    assert "FROM ./model-f16.gguf" in mf and "### Instruction:\n{{ .Prompt }}" in mf and "PARAMETER stop" in mf
     # refuses to overwrite
     assert main(["export", str(trained["lora"]), "--to", str(out)]) == 2
 

@@ -22,7 +22,9 @@ import numpy as np
 import torch
 
 from .config import ConfigError
+from .data.templates import TemplateError
 from .fsutil import atomic_dir
+from .shiptemplate import jinja_template, modelfile
 from .ui import console
 
 VERIFY_PROMPTS = ["What is the capital of France?", "Give three tips for staying healthy.", "Add 12 and 30."]
@@ -114,6 +116,37 @@ def greedy(model, tok, template: str, n_tokens: int, system_prompt: str | None =
     return outs
 
 
+def save_tokenizer_with_template(tok, folder: Path, chat_template: str) -> None:
+    """Save the tokenizer with the run's training template as its chat template (apply_chat_template
+    on the export then renders what training rendered); `tok` itself keeps its own template."""
+    own = tok.chat_template
+    tok.chat_template = chat_template
+    try:
+        tok.save_pretrained(folder)
+    finally:
+        tok.chat_template = own
+
+
+def stop_strings(tok, gen_config) -> list[str]:
+    """The texts of the tokens generation stops at: the EOS training appended, and any other
+    end-of-sequence id the generation config lists."""
+    ids = gen_config.eos_token_id
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    return list(dict.fromkeys([tok.eos_token] + [tok.convert_ids_to_tokens(i) for i in ids]))
+
+
+def ollama_modelfile(gguf_name: str, template: str, tok, system_prompt: str | None, gen_config) -> str:
+    """The Modelfile beside the GGUF: the training template in Go-template syntax, a stop for every
+    stop token, and the export's generation defaults (greedy unless its generation config samples)."""
+    params = {"temperature": 0}
+    if getattr(gen_config, "do_sample", False):
+        params = {k: getattr(gen_config, k) for k in ("temperature", "top_p", "top_k")
+                  if getattr(gen_config, k, None) is not None}
+    if getattr(gen_config, "repetition_penalty", None) not in (None, 1.0):
+        params["repeat_penalty"] = gen_config.repetition_penalty
+    return modelfile(gguf_name, template, tok, system_prompt, stop_strings(tok, gen_config), params)
+
+
 def cmd_export(args) -> int:
     from transformers import AutoModelForCausalLM
 
@@ -122,12 +155,16 @@ def cmd_export(args) -> int:
         raise ExportError(f"--to {out} exists and is not empty; choose another folder or pass --force")
     ref, merged, tok, note, template, cfg = _load_merged(Path(args.run), args.dtype)
     console.print(note)
+    system_prompt = (cfg.get("data") or {}).get("system_prompt")
+    try:
+        chat_template = jinja_template(template, tok, system_prompt)
+    except TemplateError as e:
+        raise ExportError(f"the run's template can't be exported: {e}") from None
     with atomic_dir(out) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
+        save_tokenizer_with_template(tok, tmp, chat_template)
         merged.generation_config.save_pretrained(tmp)
         reloaded = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=merged.dtype).eval()
-        system_prompt = (cfg.get("data") or {}).get("system_prompt")
         want = greedy(ref, tok, template, args.verify_tokens, system_prompt)
         got = greedy(reloaded, tok, template, args.verify_tokens, system_prompt)
         same = sum(a == b for a, b in zip(want, got))
@@ -137,15 +174,23 @@ def cmd_export(args) -> int:
         console.print(f"verified: greedy outputs of the export equal the adapter model's on {same}/{len(want)} prompts")
         if args.gguf:
             gguf_path = tmp / f"model-{args.gguf}.gguf"
-            write_gguf(merged, tok, gguf_path, args.gguf)
+            write_gguf(merged, tok, gguf_path, args.gguf, chat_template=chat_template)
             agree = check_gguf(reloaded, tok, gguf_path, template, system_prompt)
             console.print(f"GGUF {gguf_path.name}: loads back in transformers; next-token argmax agrees with the "
                           f"safetensors export on {100 * agree:.1f}% of positions")
             if agree < (0.95 if args.gguf == "f16" else 0.85):
                 raise ExportError(f"GGUF check failed: only {100 * agree:.1f}% next-token agreement; nothing was written")
+            try:
+                (tmp / "Modelfile").write_text(ollama_modelfile(gguf_path.name, template, tok, system_prompt,
+                                                                merged.generation_config))
+                console.print(f"Ollama: ollama create NAME -f {out}/Modelfile (template {template}, stop "
+                              f"{stop_strings(tok, merged.generation_config)})")
+            except TemplateError as e:  # the GGUF still carries the Jinja template; only Ollama's copy is missing
+                console.print(f"[yellow]no Ollama Modelfile: {e}[/yellow]")
         (tmp / "tunelab_export.json").write_text(json.dumps(
             {"source": str(args.run), "note": note, "template": template, "gguf": args.gguf,
-             "verified_prompts": len(want)}, indent=2))
+             "verified_prompts": len(want), "system_prompt": system_prompt,
+             "eos_token_id": merged.generation_config.eos_token_id}, indent=2))
     console.print(f"exported to {out}")
     return 0
 
@@ -159,7 +204,7 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(model, tok, path: Path, kind: str) -> None:
+def write_gguf(model, tok, path: Path, kind: str, chat_template: str | None = None) -> None:
     import gguf
 
     cfg = model.config
@@ -205,8 +250,9 @@ def write_gguf(model, tok, path: Path, kind: str) -> None:
     if tok.unk_token_id is not None:
         w.add_unk_token_id(tok.unk_token_id)
     w.add_add_bos_token(False)
-    if getattr(tok, "chat_template", None):
-        w.add_chat_template(tok.chat_template)
+    chat_template = chat_template or getattr(tok, "chat_template", None)
+    if chat_template:  # the run's training template (shiptemplate.jinja_template), as llama.cpp/Ollama read it
+        w.add_chat_template(chat_template)
     # tensors
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
     tied = getattr(cfg, "tie_word_embeddings", False)
