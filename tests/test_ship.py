@@ -100,3 +100,41 @@ def test_a_chat_run_without_a_chat_template_is_refused(tiny_model):
 
     with pytest.raises(TemplateError, match="no \\(single\\) chat template"):
         jinja_template("chat_template", SimpleNamespace(chat_template=None))
+
+
+# ---- issue 17.7: adapters only load on the base they were trained on ---------------------------
+
+
+def test_adapter_records_its_base_and_a_same_shape_other_architecture_is_refused(tmp_path, tiny_config, tiny_model,
+                                                                                 capsys, monkeypatch):
+    import json
+    import shutil
+
+    from tunelab.cli import main
+
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    assert main(["train", str(tiny_config), "--output", str(run), "--set", "train.max_steps=2",
+                 "--set", "train.save_steps=2", "--set", "train.eval_steps=2"]) == 0
+    for folder in (run / "final", run / "checkpoint-2"):
+        rec = json.loads((folder / "tunelab_base.json").read_text())
+        assert rec["fingerprint"]["architectures"] == ["LlamaForCausalLM"] and rec["fingerprint"]["hidden_size"] == 64
+        assert rec["fingerprint"]["num_hidden_layers"] == 2 and rec["fingerprint"]["vocab_size"] > 0
+    # the same shapes under another architecture (a Llama adapter on a Mistral base, in small)
+    other = tmp_path / "mistral"
+    shutil.copytree(tiny_model, other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg.update(model_type="mistral", architectures=["MistralForCausalLM"])
+    (other / "config.json").write_text(json.dumps(cfg))
+    capsys.readouterr()
+    assert main(["generate", str(other), "--adapter", str(run / "final"), "-p", "hi", "--no-cache"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "trained on a different base" in err and "LlamaForCausalLM" in err and "MistralForCausalLM" in err
+    assert "differs in architectures, model_type" in err
+    # an adapter saved before fingerprints existed: today's shape check (same hidden size: accepted)
+    (run / "final" / "tunelab_base.json").unlink()
+    assert main(["generate", str(other), "--adapter", str(run / "final"), "-p", "hi", "--no-cache",
+                 "--max-new-tokens", "2"]) == 0
+    # and its own base is accepted with the fingerprint
+    assert main(["generate", str(tiny_model), "--adapter", str(run / "checkpoint-2"), "-p", "hi", "--no-cache",
+                 "--max-new-tokens", "2"]) == 0

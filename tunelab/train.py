@@ -29,7 +29,7 @@ from .data.preflight import PreflightError, check_examples
 from .fsutil import atomic_write_text, clean_stale, commit_dir, is_disk_full, remove_tree
 from .loss import chunked_causal_lm_loss
 from .models import (context_window, dtype_warning, load_model, load_tokenizer, pick_device, pick_dtype,
-                     resolve_model)
+                     resolve_model, write_base_fingerprint)
 from .ui import console, warn
 
 log = logging.getLogger("tunelab")
@@ -207,6 +207,10 @@ def make_trainer(model, args, s: Setup):
 
         def _save_checkpoint(self, model, trial):
             save_checkpoint_atomically(self, model, trial, super()._save_checkpoint)
+
+        def _save(self, output_dir=None, state_dict=None):  # every checkpoint and the final model go through it
+            super()._save(output_dir, state_dict)
+            write_base_fingerprint(output_dir or self.args.output_dir, s.model_folder, s.cfg.model.name)
 
         def evaluate(self, *a, **kw):
             t = time.perf_counter()
