@@ -19,7 +19,13 @@ from __future__ import annotations
 
 import json
 
-from .data.templates import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT, Example, TemplateError, render_prompt
+from .data.templates import (
+    ALPACA_PROMPT,
+    ALPACA_PROMPT_WITH_INPUT,
+    Example,
+    TemplateError,
+    render_prompt,
+)
 
 
 def _lit(s: str) -> str:
