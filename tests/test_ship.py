@@ -138,3 +138,51 @@ def test_adapter_records_its_base_and_a_same_shape_other_architecture_is_refused
     # and its own base is accepted with the fingerprint
     assert main(["generate", str(tiny_model), "--adapter", str(run / "checkpoint-2"), "-p", "hi", "--no-cache",
                  "--max-new-tokens", "2"]) == 0
+
+
+# ---- issue 17.3: GGUF pre-tokenizer names; unsupported architectures refused -------------------------
+
+
+def _tokenizer_json(pre) -> dict:
+    import json
+
+    from tokenizers import Tokenizer, models
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre
+    return json.loads(tk.to_str())
+
+
+def test_gguf_pre_tokenizer_names_follow_the_vocabulary(tiny_model):
+    from tokenizers import Regex, pre_tokenizers
+
+    from tunelab.export import ExportError, LLAMA3_SPLIT, gguf_pre_tokenizer
+    from tunelab.models import load_tokenizer
+
+    llama3 = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
+                                      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    smollm = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                      pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    assert gguf_pre_tokenizer(_tokenizer_json(llama3)) == "llama-bpe"
+    assert gguf_pre_tokenizer(_tokenizer_json(smollm)) == "smollm"
+    import json
+
+    tok, _ = load_tokenizer(tiny_model)
+    assert gguf_pre_tokenizer(json.loads(tok.backend_tokenizer.to_str())) == "gpt-2"
+    with pytest.raises(ExportError, match="Metaspace"):
+        gguf_pre_tokenizer(_tokenizer_json(pre_tokenizers.Metaspace()))
+    # transformers' GGUF reader splits a llama-bpe vocabulary with Llama-3's regex: the same text as ours
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+
+    assert GGUF_PRE_TOKENIZER_SPLITS["llama-bpe"] == LLAMA3_SPLIT
+
+
+def test_gguf_refuses_an_unsupported_architecture_in_one_line(tmp_path):
+    from types import SimpleNamespace
+
+    from tunelab.export import ExportError, write_gguf
+
+    model = SimpleNamespace(config=SimpleNamespace(model_type="qwen2", architectures=["Qwen2ForCausalLM"]))
+    with pytest.raises(ExportError, match=r"this one is 'qwen2' \(Qwen2ForCausalLM\)") as e:
+        write_gguf(model, None, tmp_path / "x.gguf", "f16")
+    assert "\n" not in str(e.value) and not (tmp_path / "x.gguf").exists()
