@@ -47,6 +47,30 @@ def test_export_lora_safetensors_and_gguf_f16(tmp_path, trained, capsys):
 
     g = AutoModelForCausalLM.from_pretrained(str(out), gguf_file="model-f16.gguf", dtype=torch.float32)
     assert torch.allclose(g.state_dict()[k], merged[k].float(), atol=2e-3)
+    # issue 17.2/17.5: the training template (alpaca here) travels in tokenizer_config, the GGUF and the Modelfile
+    from gguf import GGUFReader
+    from transformers import AutoTokenizer
+
+    from tunelab.data.templates import Example, render_prompt
+
+    etok = AutoTokenizer.from_pretrained(str(out))
+    msgs = [{"role": "user", "content": "Add 12 and 30."}]
+    want = render_prompt("alpaca", Example(instruction="Add 12 and 30."))
+    assert etok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == want
+    field = GGUFReader(str(out / "model-f16.gguf")).fields["tokenizer.chat_template"]
+    assert bytes(field.parts[field.data[0]]).decode() == etok.chat_template
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == etok.eos_token_id
+    mf = (out / "Modelfile").read_text()
+    assert "FROM ./model-f16.gguf" in mf and "### Instruction:\n{{ .Prompt }}" in mf and "PARAMETER stop" in mf
+    # issue 17.1: the parity report (probes: the run's last training rows, it has no held-out set)
+    parity = json.loads((out / "parity.json").read_text())
+    steps = {r["step"]: r for r in parity["steps"]}
+    assert parity["passed"] and "training rows" in parity["probe_source"]
+    merged_p = steps["merged (float32)"]
+    assert merged_p["rows"] == 32 and merged_p["max_abs_dlogp"] <= 1e-5 and merged_p["greedy_identical"] == 32
+    assert steps["gguf f16"]["greedy_identical"] == 32 and "parity vs the adapter model on 32 probes" in err
+    assert main(["export", str(trained["lora"]), "--to", str(out), "--verify-only", "--probe-rows", "4"]) == 0
+    assert json.loads((out / "parity.json").read_text())["steps"][1]["rows"] == 4
     # refuses to overwrite
     assert main(["export", str(trained["lora"]), "--to", str(out)]) == 2
 
@@ -68,3 +92,21 @@ def test_export_missing_base_says_which(tmp_path, trained, capsys):
                                      .replace("/nonexistent/base/", "/nonexistent/base-"))
     assert main(["export", str(run), "--to", str(tmp_path / "x")]) == 2
     assert "needs its base model '/nonexistent/base" in capsys.readouterr().err
+
+
+def test_a_failing_parity_step_removes_its_output_and_exits_2(tmp_path, trained, capsys, monkeypatch):
+    from tunelab import parity
+
+    out = tmp_path / "strict"
+    # a GGUF bound no f16 file can meet: the GGUF goes, the verified safetensors export stays
+    monkeypatch.setitem(parity.THRESHOLDS, "gguf f16", (0.0, 0.0, 1.0))
+    assert main(["export", str(trained["lora"]), "--to", str(out), "--gguf", "f16", "--probe-rows", "4"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "parity check failed for model-f16.gguf" in err and "FAIL" in err
+    assert (out / "model.safetensors").is_file() and not (out / "model-f16.gguf").exists()
+    assert not json.loads((out / "parity.json").read_text())["passed"]
+    # a merged model outside its bound: nothing is written
+    monkeypatch.setitem(parity.THRESHOLDS, "merged (float32)", (-1.0, -1.0, 1.0))
+    assert main(["export", str(trained["lora"]), "--to", str(tmp_path / "none"), "--probe-rows", "4"]) == 2
+    assert "merged model differs" in capsys.readouterr().err and not (tmp_path / "none").exists()
+    assert main(["export", str(trained["lora"]), "--to", str(out), "--verify-only", "--probe-rows", "4"]) == 2

@@ -194,3 +194,83 @@ def test_decoding_does_not_read_the_deprecated_past_key_values(server, monkeypat
     _, url, _ = server
     code, obj = _post(url, "/v1/completions", json.dumps({"prompt": "Add 1 and 2.", "max_tokens": 3}).encode())
     assert code == 200 and obj["usage"]["completion_tokens"] >= 1
+
+
+# ---- issue 17.6: stop strings as generate, honest OpenAI compatibility, the vLLM hand-off ---------------
+
+
+def test_stop_strings_behave_as_generate(server):
+    _, url, loaded = server
+    c = _client(url)
+    prompt = "Question: Add 3 and 4.\nAnswer:"
+    text = generate_batch(loaded, [prompt], GenParams(max_new_tokens=24), template="plain")[0].text
+    assert len(text) > 14
+    for stop in (text[1:7], text[2:5], text[3:13], [text[5:9], text[1:12]]):
+        stops = stop if isinstance(stop, list) else [stop]
+        ref = generate_batch(loaded, [prompt], GenParams(max_new_tokens=24, stop=stops), template="plain")[0]
+        r = c.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0, stop=stop)
+        assert (r.choices[0].text, r.choices[0].finish_reason) == (ref.text, ref.finish_reason), stop
+        chunks = list(c.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0, stop=stop,
+                                           stream=True))
+        assert "".join(ch.choices[0].text for ch in chunks) == ref.text, stop
+
+
+@pytest.mark.parametrize("field,value", [("logprobs", True), ("top_logprobs", 2), ("n", 2), ("response_format",
+                         {"type": "json_object"}), ("tools", [{"type": "function", "function": {"name": "f"}}]),
+                         ("tool_choice", "required"), ("presence_penalty", 0.5), ("logit_bias", {"5": 10})])
+def test_unsupported_openai_fields_get_a_400_naming_them(server, field, value):
+    _, url, _ = server
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, field: value}
+    code, obj = _post(url, "/v1/chat/completions", json.dumps(body).encode())
+    assert code == 400 and obj["error"]["param"] == field and f"'{field}' is not supported" in obj["error"]["message"]
+    neutral = {"logprobs": False, "n": 1, "response_format": {"type": "text"}}
+    if field in neutral:  # the value that means "not used" is accepted
+        code, _ = _post(url, "/v1/chat/completions", json.dumps({**body, field: neutral[field]}).encode())
+        assert code == 200
+    code, obj = _post(url, "/v1/completions", json.dumps({"prompt": "hi", "logprobs": 0}).encode())
+    assert code == 400 and obj["error"]["param"] == "logprobs"
+
+
+def test_content_parts_and_the_chat_default_length(server):
+    _, url, loaded = server
+    c = _client(url)
+    parts = c.chat.completions.create(model="tiny", max_tokens=5, temperature=0, messages=[
+        {"role": "user", "content": [{"type": "text", "text": "Add 2"}, {"type": "text", "text": "and 2."}]}])
+    plain = c.chat.completions.create(model="tiny", max_tokens=5, temperature=0,
+                                      messages=[{"role": "user", "content": "Add 2\nand 2."}])
+    assert parts.choices[0].message.content == plain.choices[0].message.content
+    code, obj = _post(url, "/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "x"}}]}]}).encode())
+    assert code == 400 and "'image_url'" in obj["error"]["message"]
+    # no max_tokens: up to the context left (here within --max-tokens-limit 64), not the legacy 16
+    r = c.chat.completions.create(model="tiny", temperature=0, messages=[{"role": "user", "content": "Add 2 and 2."}])
+    ref = generate_batch(loaded, ["Add 2 and 2."], GenParams(max_new_tokens=64))[0]
+    assert r.choices[0].message.content == ref.text and r.usage.completion_tokens == ref.tokens
+    assert r.usage.completion_tokens > 16 or r.choices[0].finish_reason == "stop"
+
+
+def test_vllm_command_passes_auth_name_limits_and_the_training_template(tiny_model, tmp_path):
+    from types import SimpleNamespace
+
+    from tunelab.serve import vllm_command
+
+    run = tmp_path / "myrun"
+    (run / "final").mkdir(parents=True)
+    (run / "config.yaml").write_text(f"model: {{name: {tiny_model}}}\ndata: {{template: alpaca}}\n")
+    (run / "final" / "adapter_config.json").write_text('{"r": 24}')
+    args = SimpleNamespace(host="0.0.0.0", port=9000, name=None, template=None, max_prompt_tokens=300,
+                           max_tokens_limit=100, max_batch=8)
+    cmd = vllm_command(args, str(run), "s3cret", tmp_path)
+    opt = {a: b for a, b in zip(cmd, cmd[1:]) if a.startswith("--")}
+    assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert opt["--api-key"] == "s3cret" and opt["--host"] == "0.0.0.0" and opt["--port"] == "9000"
+    assert opt["--model"] == str(tiny_model) and opt["--lora-modules"] == f"myrun={run / 'final'}"
+    assert "--enable-lora" in cmd and opt["--max-lora-rank"] == "32"
+    assert opt["--max-model-len"] == "400" and opt["--max-num-seqs"] == "8"
+    assert "### Instruction:" in (tmp_path / "chat_template.jinja").read_text()
+    assert opt["--chat-template"] == str(tmp_path / "chat_template.jinja")
+    # a plain model: served under --name, no key -> no --api-key
+    args.name, args.max_prompt_tokens = "m", 4000
+    cmd = vllm_command(args, str(tiny_model), None, tmp_path)
+    opt = {a: b for a, b in zip(cmd, cmd[1:]) if a.startswith("--")}
+    assert opt["--served-model-name"] == "m" and "--api-key" not in cmd and opt["--max-model-len"] == "512"

@@ -115,9 +115,10 @@ class CommitCheckpoints(TrainerCallback):
     the next start (`resume_checkpoint` -> clean_stale) and never read.
     """
 
-    def __init__(self, run: Path, limit: int | None):
+    def __init__(self, run: Path, limit: int | None, base: tuple[Path, str] | None = None):
         self.run, self.limit = run, limit
         self.staging = run / STAGING
+        self.base = base  # (base folder, its name): recorded beside each checkpoint's adapter (models.check_adapter_base)
 
     def _public(self, path: str | None) -> str | None:
         """A path under .staging as it will be after the commit."""
@@ -137,6 +138,10 @@ class CommitCheckpoints(TrainerCallback):
             if state.is_world_process_zero:
                 state.save_to_json(str(self.staging / name / "trainer_state.json"))
         if state.is_world_process_zero:
+            if self.base is not None:
+                from .models import write_base_fingerprint
+
+                write_base_fingerprint(self.staging / name, *self.base)
             commit_dir(self.staging / name, self.run / name)
             remove_tree(self.staging)
             rotate_checkpoints(self.run, self.limit, best)

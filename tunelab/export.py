@@ -22,7 +22,11 @@ import numpy as np
 import torch
 
 from .config import ConfigError
+from .models import find_run
+from .data.templates import TemplateError
 from .fsutil import atomic_dir
+from .parity import THRESHOLDS, compare, measure, probe_set, report, table
+from .shiptemplate import jinja_template, modelfile
 from .ui import console
 
 VERIFY_PROMPTS = ["What is the capital of France?", "Give three tips for staying healthy.", "Add 12 and 30."]
@@ -41,6 +45,9 @@ def add_parser(sub) -> None:
                    help="saved dtype (auto: 16-bit for a QLoRA run, else the compute dtype)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --to")
     p.add_argument("--verify-tokens", type=int, default=16, help="greedy tokens compared per verify prompt")
+    p.add_argument("--probe-rows", type=int, default=32, help="held-out rows in the parity report (parity.json)")
+    p.add_argument("--verify-only", action="store_true",
+                   help="write nothing but parity.json: compare the existing export in --to with the run's adapter")
 
 
 def _load_merged(run_path: Path, dtype_name: str):
@@ -115,20 +122,59 @@ def greedy(model, tok, template: str, n_tokens: int, system_prompt: str | None =
     return outs
 
 
+def save_tokenizer_with_template(tok, folder: Path, chat_template: str) -> None:
+    """Save the tokenizer with the run's training template as its chat template (apply_chat_template
+    on the export then renders what training rendered); `tok` itself keeps its own template."""
+    own = tok.chat_template
+    tok.chat_template = chat_template
+    try:
+        tok.save_pretrained(folder)
+    finally:
+        tok.chat_template = own
+
+
+def stop_strings(tok, gen_config) -> list[str]:
+    """The texts of the tokens generation stops at: the EOS training appended, and any other
+    end-of-sequence id the generation config lists."""
+    ids = gen_config.eos_token_id
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    return list(dict.fromkeys([tok.eos_token] + [tok.convert_ids_to_tokens(i) for i in ids]))
+
+
+def ollama_modelfile(gguf_name: str, template: str, tok, system_prompt: str | None, gen_config) -> str:
+    """The Modelfile beside the GGUF: the training template in Go-template syntax, a stop for every
+    stop token, and the export's generation defaults (greedy unless its generation config samples)."""
+    params = {"temperature": 0}
+    if getattr(gen_config, "do_sample", False):
+        params = {k: getattr(gen_config, k) for k in ("temperature", "top_p", "top_k")
+                  if getattr(gen_config, k, None) is not None}
+    if getattr(gen_config, "repetition_penalty", None) not in (None, 1.0):
+        params["repeat_penalty"] = gen_config.repetition_penalty
+    return modelfile(gguf_name, template, tok, system_prompt, stop_strings(tok, gen_config), params)
+
+
 def cmd_export(args) -> int:
     from transformers import AutoModelForCausalLM
 
     out = Path(args.to)
+    if args.probe_rows <= 0 or args.verify_tokens <= 0:
+        raise ExportError("--probe-rows and --verify-tokens must be > 0")
+    if args.verify_only:
+        return verify_only(args, out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
         raise ExportError(f"--to {out} exists and is not empty; choose another folder or pass --force")
     ref, merged, tok, note, template, cfg = _load_merged(Path(args.run), args.dtype)
     console.print(note)
+    system_prompt = (cfg.get("data") or {}).get("system_prompt")
+    try:
+        chat_template = jinja_template(template, tok, system_prompt)
+    except TemplateError as e:
+        raise ExportError(f"the run's template can't be exported: {e}") from None
     with atomic_dir(out) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
+        save_tokenizer_with_template(tok, tmp, chat_template)
         merged.generation_config.save_pretrained(tmp)
         reloaded = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=merged.dtype).eval()
-        system_prompt = (cfg.get("data") or {}).get("system_prompt")
         want = greedy(ref, tok, template, args.verify_tokens, system_prompt)
         got = greedy(reloaded, tok, template, args.verify_tokens, system_prompt)
         same = sum(a == b for a, b in zip(want, got))
@@ -136,18 +182,75 @@ def cmd_export(args) -> int:
             raise ExportError(f"verification failed: the exported model's greedy output differs from the adapter "
                               f"model's on {len(want) - same} of {len(want)} prompts; nothing was written")
         console.print(f"verified: greedy outputs of the export equal the adapter model's on {same}/{len(want)} prompts")
+        probes, source = probe_set(find_run(Path(args.run))[0], cfg, tok, args.probe_rows)
+        ref_m = measure(ref, tok, probes, args.verify_tokens)
+        results = [compare(merged_step(reloaded), ref_m, measure(reloaded, tok, probes, args.verify_tokens))]
+        if not results[0].passed:
+            console.print(table(results, source), markup=False)
+            raise ExportError("parity check failed: the merged model differs from the adapter model beyond the "
+                              "bounds above; nothing was written")
+        gguf_failed = None
         if args.gguf:
             gguf_path = tmp / f"model-{args.gguf}.gguf"
-            write_gguf(merged, tok, gguf_path, args.gguf)
+            write_gguf(merged, tok, gguf_path, args.gguf, chat_template=chat_template)
             agree = check_gguf(reloaded, tok, gguf_path, template, system_prompt)
             console.print(f"GGUF {gguf_path.name}: loads back in transformers; next-token argmax agrees with the "
                           f"safetensors export on {100 * agree:.1f}% of positions")
             if agree < (0.95 if args.gguf == "f16" else 0.85):
                 raise ExportError(f"GGUF check failed: only {100 * agree:.1f}% next-token agreement; nothing was written")
+            results.append(compare(f"gguf {args.gguf}", ref_m, measure(load_gguf(gguf_path), tok, probes,
+                                                                         args.verify_tokens)))
+            if not results[-1].passed:  # its own output goes; the verified safetensors export stays
+                gguf_path.unlink()
+                gguf_failed = gguf_path.name
+        if args.gguf and not gguf_failed:
+            try:
+                (tmp / "Modelfile").write_text(ollama_modelfile(gguf_path.name, template, tok, system_prompt,
+                                                                merged.generation_config))
+                console.print(f"Ollama: ollama create NAME -f {out}/Modelfile (template {template}, stop "
+                              f"{stop_strings(tok, merged.generation_config)})")
+            except TemplateError as e:  # the GGUF still carries the Jinja template; only Ollama's copy is missing
+                console.print(f"[yellow]no Ollama Modelfile: {e}[/yellow]")
+        console.print(table(results, source), markup=False)
+        (tmp / "parity.json").write_text(json.dumps(report(results, source, args.verify_tokens), indent=2))
         (tmp / "tunelab_export.json").write_text(json.dumps(
             {"source": str(args.run), "note": note, "template": template, "gguf": args.gguf,
-             "verified_prompts": len(want)}, indent=2))
+             "verified_prompts": len(want), "system_prompt": system_prompt,
+             "eos_token_id": merged.generation_config.eos_token_id}, indent=2))
+    if gguf_failed:
+        raise ExportError(f"parity check failed for {gguf_failed} (table above): it was removed; the safetensors "
+                          f"export in {out} passed and is kept")
     console.print(f"exported to {out}")
+    return 0
+
+
+def merged_step(model) -> str:
+    return "merged (float32)" if model.dtype == torch.float32 else "merged (16-bit)"
+
+
+def verify_only(args, out: Path) -> int:
+    """`export --verify-only`: the parity report of an existing export (its safetensors and every GGUF in it)."""
+    from transformers import AutoModelForCausalLM
+
+    from .fsutil import atomic_write_text
+    from .models import find_run
+
+    if not (out / "config.json").is_file():
+        raise ExportError(f"--verify-only: {out} is not an export folder (no config.json)")
+    ref, _, tok, _, _, cfg = _load_merged(Path(args.run), "float32")
+    probes, source = probe_set(find_run(Path(args.run))[0], cfg, tok, args.probe_rows)
+    ref_m = measure(ref, tok, probes, args.verify_tokens)
+    exported = AutoModelForCausalLM.from_pretrained(str(out), dtype="auto").eval()
+    results = [compare(merged_step(exported), ref_m, measure(exported, tok, probes, args.verify_tokens))]
+    for g in sorted(out.glob("model-*.gguf")):
+        kind = g.stem.split("-", 1)[1]
+        if f"gguf {kind}" in THRESHOLDS:
+            results.append(compare(f"gguf {kind}", ref_m, measure(load_gguf(g), tok, probes, args.verify_tokens)))
+    console.print(table(results, source), markup=False)
+    atomic_write_text(out / "parity.json", json.dumps(report(results, source, args.verify_tokens), indent=2))
+    failed = [r.step for r in results if not r.passed]
+    if failed:
+        raise ExportError(f"parity check failed for {', '.join(failed)} (table above; {out / 'parity.json'})")
     return 0
 
 
@@ -160,12 +263,35 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(model, tok, path: Path, kind: str) -> None:
+# Llama-3's split regex (its tokenizer.json; llama.cpp calls this pre-tokenizer "llama-bpe")
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def gguf_pre_tokenizer(tok_json: dict) -> str:
+    """llama.cpp's name for the way this vocabulary splits text before BPE (tokenizer.ggml.pre), read
+    from the tokenizer's own pre-tokenizer, so llama.cpp splits text as transformers does. Families:
+    Llama-3 (llama-bpe), SmolLM/SmolLM2 (smollm: single digits, then byte-level), GPT-2 style byte-level."""
+    pre = tok_json.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    types = [p.get("type") for p in parts]
+    if types == ["Split", "ByteLevel"] and (parts[0].get("pattern") or {}).get("Regex") == LLAMA3_SPLIT:
+        return "llama-bpe"
+    if types == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
+        return "smollm"
+    if types == ["ByteLevel"] and parts[0].get("use_regex", True):
+        return "gpt-2"
+    raise ExportError(f"--gguf: this tokenizer's pre-tokenizer ({' + '.join(map(str, types)) or 'none'}) has no "
+                      f"llama.cpp name tunelab knows (supported: Llama-3, SmolLM2, GPT-2 style byte-level BPE)")
+
+
+def write_gguf(model, tok, path: Path, kind: str, chat_template: str | None = None) -> None:
     import gguf
 
     cfg = model.config
     if cfg.model_type not in ("llama", "mistral"):
-        raise ExportError(f"--gguf supports Llama-architecture models; this one is '{cfg.model_type}'")
+        raise ExportError(f"--gguf supports Llama-architecture models (llama, mistral); this one is "
+                          f"'{cfg.model_type}' ({', '.join(getattr(cfg, 'architectures', None) or [])})")
     tok_json = json.loads(tok.backend_tokenizer.to_str()) if hasattr(tok, "backend_tokenizer") else {}
     if tok_json.get("model", {}).get("type") != "BPE":
         raise ExportError("--gguf supports BPE (GPT-2 style) tokenizers only")
@@ -187,7 +313,7 @@ def write_gguf(model, tok, path: Path, kind: str) -> None:
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if kind == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0)
     # vocabulary
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
+    w.add_tokenizer_pre(gguf_pre_tokenizer(tok_json))
     specials = set(tok.all_special_ids)
     added = {t.content for t in tok.added_tokens_decoder.values()}
     tokens, types = [], []
@@ -206,8 +332,9 @@ def write_gguf(model, tok, path: Path, kind: str) -> None:
     if tok.unk_token_id is not None:
         w.add_unk_token_id(tok.unk_token_id)
     w.add_add_bos_token(False)
-    if getattr(tok, "chat_template", None):
-        w.add_chat_template(tok.chat_template)
+    chat_template = chat_template or getattr(tok, "chat_template", None)
+    if chat_template:  # the run's training template (shiptemplate.jinja_template), as llama.cpp/Ollama read it
+        w.add_chat_template(chat_template)
     # tensors
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
     tied = getattr(cfg, "tie_word_embeddings", False)
@@ -235,10 +362,16 @@ def write_gguf(model, tok, path: Path, kind: str) -> None:
     w.close()
 
 
+def load_gguf(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+
+
 @torch.inference_mode()
 def check_gguf(reference, tok, path: Path, template: str, system_prompt: str | None = None) -> float:
     """Load the GGUF back with transformers and compare next-token argmax with the reference model."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from .data.templates import Example, render_prompt
 
@@ -246,7 +379,7 @@ def check_gguf(reference, tok, path: Path, template: str, system_prompt: str | N
 
     try:
         with gguf_progress_off():
-            g = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+            g = load_gguf(path)
             gtok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as e:
         raise ExportError(f"the GGUF written to {path.name} does not load back in transformers "

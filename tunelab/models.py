@@ -427,8 +427,60 @@ def _base_folder(spec: str, revision: str | None) -> Path:
     return resolve_model(spec, revision)
 
 
+BASE_FINGERPRINT_FILE = "tunelab_base.json"
+FINGERPRINT_KEYS = ("architectures", "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "intermediate_size", "vocab_size")
+
+
+def base_fingerprint(base_folder: Path) -> dict:
+    """What makes an adapter fit a base: its architecture and shapes, from the base's config.json
+    (the folder's, so an embedding resized for a new pad token doesn't change it)."""
+    cfg = model_config(base_folder)
+    fp = {k: getattr(cfg, k, None) for k in FINGERPRINT_KEYS}
+    fp["architectures"] = list(fp["architectures"] or [])
+    return fp
+
+
+def write_base_fingerprint(folder, base_folder: Path, name: str | None = None) -> None:
+    """Record beside a saved adapter which base it was trained on (read by check_adapter_base)."""
+    import json
+
+    from .fsutil import atomic_write_text
+
+    atomic_write_text(Path(folder) / BASE_FINGERPRINT_FILE, json.dumps(
+        {"base": name or str(base_folder), "fingerprint": base_fingerprint(base_folder)}, indent=2))
+
+
+def _describe(name, fp: dict) -> str:
+    arch = (fp.get("architectures") or [fp.get("model_type")])[0]
+    return (f"{name} ({arch}, hidden size {fp.get('hidden_size')}, {fp.get('num_hidden_layers')} layers, "
+            f"{fp.get('num_attention_heads')}/{fp.get('num_key_value_heads')} heads, intermediate "
+            f"{fp.get('intermediate_size')}, vocab {fp.get('vocab_size')})")
+
+
 def check_adapter_base(adapter: Path, base_folder: Path) -> None:
-    """Refuse an adapter trained on another base: compare the shapes it expects with the base's config."""
+    """Refuse an adapter trained on another base: compare the base fingerprint recorded beside it
+    (tunelab_base.json) with the base's config; adapters saved without one get the shape check."""
+    import json
+
+    sidecar = adapter / BASE_FINGERPRINT_FILE
+    if sidecar.is_file():
+        try:
+            rec = json.loads(sidecar.read_text())
+            want = rec["fingerprint"]
+        except (ValueError, KeyError, TypeError):
+            raise ModelError(f"{sidecar} is corrupt (not the JSON tunelab writes)") from None
+        have = base_fingerprint(base_folder)
+        differ = [k for k in FINGERPRINT_KEYS if k in want and want[k] != have.get(k)]
+        if differ:
+            raise ModelError(f"adapter {adapter} was trained on a different base: {_describe(rec.get('base'), want)}, "
+                             f"not {_describe(base_folder, have)} (differs in {', '.join(differ)})")
+        return
+    _check_adapter_shapes(adapter, base_folder)
+
+
+def _check_adapter_shapes(adapter: Path, base_folder: Path) -> None:
+    """Adapters without a fingerprint: compare the hidden size their weights expect with the base's."""
     import json
 
     from safetensors import safe_open

@@ -34,6 +34,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import torch
 
 from .data.templates import Example, TemplateError, encode_prompt, render_prompt
+from .generate import _cut_at_stop
 from .ui import console
 
 
@@ -142,23 +143,16 @@ class Engine:
                 t = int(nxt[i])
                 if t == tok.eos_token_id:
                     alive[i] = False
+                    self._emit(j, sent, i, tok.decode(generated[i], skip_special_tokens=True), final=True)
                     j.out.put(("done", "stop", len(generated[i])))
                     continue
                 generated[i].append(t)
-                text = tok.decode(generated[i], skip_special_tokens=True)
-                hit = min((text.find(s) for s in j.stop if s in text), default=-1)
-                if hit >= 0:
-                    text = text[:hit]
-                complete = hit >= 0 or not text.endswith("\ufffd")  # else a multi-byte character is unfinished
-                if complete and len(text) > len(sent[i]):
-                    j.out.put(("token", text[len(sent[i]):]))
-                    sent[i] = text
-                if hit >= 0:
+                text, hit = _cut_at_stop(tok.decode(generated[i], skip_special_tokens=True), j.stop)
+                length = len(generated[i]) >= j.max_tokens
+                self._emit(j, sent, i, text, final=hit or length)
+                if hit or length:
                     alive[i] = False
-                    j.out.put(("done", "stop", len(generated[i])))
-                elif len(generated[i]) >= j.max_tokens:
-                    alive[i] = False
-                    j.out.put(("done", "length", len(generated[i])))
+                    j.out.put(("done", "stop" if hit else "length", len(generated[i])))
             if not any(alive):
                 break
             mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=dev)], dim=1)
@@ -167,12 +161,29 @@ class Engine:
                         cache=past, use_cache=True, logits_to_keep=1)
             past, logits = out.cache, out.logits[:, -1].float()  # `cache`: past_key_values is deprecated in 5.x
 
+    @staticmethod
+    def _emit(job: Job, sent: list[str], i: int, text: str, final: bool) -> None:
+        """Send the part of `text` that can no longer change: `generate`'s stop semantics (the text is
+        cut before the first stop string, generate._cut_at_stop) need the last len(longest stop) - 1
+        characters held back until the row ends (they could still begin a stop string), and an
+        unfinished multi-byte character (decoded as U+FFFD) is held back too."""
+        upto = len(text)
+        if not final:
+            upto -= max((len(s) for s in job.stop), default=1) - 1
+            bad = text.find("\ufffd", len(sent[i]))
+            if bad >= 0:
+                upto = min(upto, bad)
+        if upto > len(sent[i]):
+            job.out.put(("token", text[len(sent[i]):upto]))
+            sent[i] = text[:upto]
+
 
 class Server:
     def __init__(self, loaded, name: str, max_tokens_limit: int, max_prompt_tokens: int, api_key: str | None,
                  max_batch: int, window: float):
         self.loaded, self.name = loaded, name
         self.max_tokens_limit, self.max_prompt_tokens, self.api_key = max_tokens_limit, max_prompt_tokens, api_key
+        self.context = getattr(getattr(loaded.model, "config", None), "max_position_embeddings", None)
         self.engine = Engine(loaded, max_batch=max_batch, window=window)
 
     # ---- request parsing ------------------------------------------------------------------
@@ -187,20 +198,27 @@ class Server:
                 raise ApiError(400, f"'{key}' must be between {lo} and {hi}, got {v}", key)
             return kind(v)
 
-        max_tokens = num("max_tokens", 16, 1, self.max_tokens_limit, int) if body.get("max_tokens") is not None else 16
+        unsupported(body)
+        if len(prompt_ids) > self.max_prompt_tokens:
+            raise ApiError(400, f"the prompt is {len(prompt_ids)} tokens; this server accepts at most "
+                                f"{self.max_prompt_tokens}", "messages" if "messages" in body else "prompt",
+                           "context_length_exceeded")
+        # chat without max_tokens: up to the context left (as OpenAI/vLLM), within --max-tokens-limit;
+        # /v1/completions keeps the legacy API's default of 16
+        left = (self.context or (len(prompt_ids) + self.max_tokens_limit)) - len(prompt_ids)
+        if left <= 0:
+            raise ApiError(400, f"the prompt is {len(prompt_ids)} tokens, the model's whole context is "
+                                f"{self.context}", "messages" if "messages" in body else "prompt",
+                           "context_length_exceeded")
+        default = min(left, self.max_tokens_limit) if "messages" in body else 16
+        max_tokens = num("max_tokens", default, 1, self.max_tokens_limit, int)
         if body.get("max_completion_tokens") is not None:
-            max_tokens = num("max_completion_tokens", 16, 1, self.max_tokens_limit, int)
+            max_tokens = num("max_completion_tokens", default, 1, self.max_tokens_limit, int)
         stop = body.get("stop") or []
         if isinstance(stop, str):
             stop = [stop]
         if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
             raise ApiError(400, "'stop' must be a string or a list of up to 4 non-empty strings", "stop")
-        if body.get("n", 1) != 1:
-            raise ApiError(400, "only n=1 is supported", "n")
-        if len(prompt_ids) > self.max_prompt_tokens:
-            raise ApiError(400, f"the prompt is {len(prompt_ids)} tokens; this server accepts at most "
-                                f"{self.max_prompt_tokens}", "messages" if "messages" in body else "prompt",
-                           "context_length_exceeded")
         return Job(prompt_ids, max_tokens, num("temperature", 1.0, 0, 2), num("top_p", 1.0, 0, 1), stop,
                    num("seed", None, kind=int) if body.get("seed") is not None else None)
 
@@ -221,16 +239,47 @@ class Server:
     def chat_prompt(self, body: dict) -> list[int]:
         msgs = body.get("messages")
         if not isinstance(msgs, list) or not msgs or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs):
+                isinstance(m, dict) and isinstance(m.get("role"), str) for m in msgs):
             raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects", "messages")
         L = self.loaded
-        example = Example(messages=[{"role": m["role"], "content": m["content"]} for m in msgs])
+        example = Example(messages=[{"role": m["role"], "content": message_text(m.get("content"))} for m in msgs])
         try:
             text = render_prompt(L.template, example, L.tokenizer, L.system_prompt)
         except TemplateError as e:
             raise ApiError(400, f"this server renders prompts with the {L.template} template: {e}",
                            "messages") from None
         return encode_prompt(L.tokenizer, text)
+
+
+# OpenAI request fields this server does not implement: a request that uses them gets a 400 naming the
+# field instead of an answer that silently ignores it. (field, value that is the same as leaving it out)
+UNSUPPORTED = {"n": 1, "best_of": 1, "logprobs": False, "top_logprobs": 0, "echo": False, "suffix": "",
+               "tools": [], "tool_choice": "none", "functions": [], "function_call": "none",
+               "response_format": {"type": "text"}, "logit_bias": {}, "presence_penalty": 0,
+               "frequency_penalty": 0}
+
+
+def unsupported(body: dict) -> None:
+    for key, neutral in UNSUPPORTED.items():
+        v = body.get(key)
+        if v is None or (v is neutral if isinstance(neutral, bool) else v == neutral):
+            continue  # (logprobs: false is "none"; the legacy API's logprobs: 0 asks for them)
+        raise ApiError(400, f"'{key}' is not supported by this server (got {json.dumps(v)[:60]}); "
+                            f"leave it out (see the README's OpenAI compatibility table)", key, "unsupported_parameter")
+
+
+def message_text(content) -> str:
+    """A message's content: a string, or OpenAI's list of parts of which only text parts are accepted."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content and all(isinstance(p, dict) for p in content):
+        kinds = [p.get("type") for p in content]
+        if any(k != "text" or not isinstance(p.get("text"), str) for k, p in zip(kinds, content)):
+            bad = next(k for k, p in zip(kinds, content) if k != "text" or not isinstance(p.get("text"), str))
+            raise ApiError(400, f"message content part of type {bad!r} is not supported (text parts only)",
+                           "messages")
+        return "\n".join(p["text"] for p in content)  # parts joined by a newline, as vLLM joins them
+    raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects", "messages")
 
 
 def serve_template(spec: str, requested: str | None, tokenizer) -> str | None:
@@ -386,23 +435,56 @@ def add_parser(sub) -> None:
                    help="chat prompt template (default: the run's; a bare model's chat template if it has one)")
 
 
-def _vllm_exec(args, loaded_spec: str) -> None:
-    """Replace this process with vLLM's OpenAI server (GPU + vllm installed)."""
+def vllm_command(args, spec: str, api_key: str | None, template_dir) -> list[str]:
+    """vLLM's OpenAI server command line for what `tunelab serve` was asked: the same host, port,
+    served model name, API key and limits, the adapter as a LoRA module, and the run's training
+    template as its chat template (written into `template_dir`)."""
     import sys
     from pathlib import Path
 
-    from .models import find_run, resolve_model
+    from .models import find_run, model_config, resolve_model
+    from .rundir import run_config
+    from .shiptemplate import jinja_template
 
-    run, weights = find_run(Path(loaded_spec)) if Path(loaded_spec).is_dir() else (None, None)
+    run, weights = find_run(Path(spec).expanduser()) if Path(spec).expanduser().is_dir() else (None, None)
+    rc = run_config(run) if run is not None else None
+    name = args.name or (run.name if run is not None else Path(spec.rstrip("/")).name or spec)
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", args.host, "--port", str(args.port)]
     if weights is not None and (weights / "adapter_config.json").is_file():
-        from .rundir import run_config
-
-        base = resolve_model(run_config(run).model.name)
-        cmd += ["--model", str(base), "--enable-lora", "--lora-modules", f"{args.name or run.name}={weights}"]
+        base = resolve_model(rc.model.name, rc.model.revision)
+        rank = json.loads((weights / "adapter_config.json").read_text()).get("r", 16)
+        cmd += ["--model", str(base), "--served-model-name", f"{name}-base", "--enable-lora",
+                "--lora-modules", f"{name}={weights}", "--max-lora-rank", str(max(8, 1 << (int(rank) - 1).bit_length()))]
+        tok_folder = weights if (weights / "tokenizer_config.json").is_file() else base
+        cmd += ["--tokenizer", str(tok_folder)]
     else:
-        cmd += ["--model", str(weights or resolve_model(loaded_spec))]
-    console.print(f"vLLM backend: {' '.join(cmd)}")
+        base = weights or resolve_model(spec)
+        tok_folder = base
+        cmd += ["--model", str(base), "--served-model-name", name]
+    ctx = getattr(model_config(base), "max_position_embeddings", None)
+    total = args.max_prompt_tokens + args.max_tokens_limit
+    cmd += ["--max-model-len", str(min(total, ctx) if ctx else total), "--max-num-seqs", str(args.max_batch)]
+    template = args.template or (rc.data.template if rc is not None else None)
+    if template:  # the prompt training rendered, not whatever the base's tokenizer ships
+        from .models import load_tokenizer
+
+        tok = load_tokenizer(tok_folder)[0] if template == "chat_template" else None
+        path = Path(template_dir) / "chat_template.jinja"
+        path.write_text(jinja_template(template, tok, rc.data.system_prompt if rc is not None else None))
+        cmd += ["--chat-template", str(path)]
+    if api_key:
+        cmd += ["--api-key", api_key]
+    return cmd
+
+
+def _vllm_exec(args, spec: str, api_key: str | None) -> None:
+    """Replace this process with vLLM's OpenAI server (GPU + vllm installed)."""
+    import sys
+    import tempfile
+
+    cmd = vllm_command(args, spec, api_key, tempfile.mkdtemp(prefix="tunelab-vllm-"))
+    shown = ["***" if api_key and c == api_key else c for c in cmd]
+    console.print(f"vLLM backend: {' '.join(shown)}")
     os.execv(sys.executable, cmd)
 
 
@@ -425,7 +507,7 @@ def cmd_serve(args) -> int:
 
         has_vllm = importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
         if has_vllm:
-            _vllm_exec(args, args.model)
+            _vllm_exec(args, args.model, key)
         elif args.backend == "vllm":
             raise ConfigError("--backend vllm needs the vllm package and a CUDA GPU")
     try:  # take the port before the model loads (seconds to minutes): a busy port fails at once

@@ -30,7 +30,7 @@ from .data.preflight import PreflightError, check_examples
 from .fsutil import atomic_write_text, commit_dir, is_disk_full, remove_tree
 from .loss import chunked_causal_lm_loss
 from .models import (context_window, dtype_warning, load_model, load_tokenizer, pick_device, pick_dtype,
-                     pick_precision, resolve_model)
+                     pick_precision, resolve_model, write_base_fingerprint)
 from .rundir import (CONFIG, FINAL, STAGING, SUMMARY, checkpoints, newest_checkpoint, resume_checkpoint,
                      saved_step)
 from .ui import RichProgress, console, warn
@@ -254,7 +254,7 @@ def make_trainer(model, args, s: Setup, run_dir: Path | None = None, interactive
 
     callbacks = [FiniteGradients()]
     if run_dir is not None:
-        callbacks.append(CommitCheckpoints(run_dir, s.cfg.train.save_total_limit))
+        callbacks.append(CommitCheckpoints(run_dir, s.cfg.train.save_total_limit, (s.model_folder, s.cfg.model.name)))
     if interactive:
         callbacks += [RichProgress(), OverfitWatch(enabled=s.cfg.eval.overfit_warning), StopOnSignal()]
     if s.cfg.eval.early_stopping_patience > 0:
@@ -376,6 +376,7 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, config_dir: Path | N
             trainer.save_model(str(staging))
             if main:
                 s.tokenizer.save_pretrained(str(staging))
+                write_base_fingerprint(staging, s.model_folder, cfg.model.name)
                 commit_dir(staging, final)
         except Exception as e:
             if main:

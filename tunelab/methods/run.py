@@ -317,6 +317,10 @@ def run_method(cfg: RunConfig, out: Path, *, resume: bool = False, config_dir: P
             trainer.save_model(str(staging))
             if main:
                 s.tokenizer.save_pretrained(str(staging))
+                if getattr(s.cfg.lora, "enabled", False) or s.start.adapter is not None:
+                    from ..models import write_base_fingerprint
+
+                    write_base_fingerprint(staging, s.start.base_folder, cfg.model.name)
                 commit_dir(staging, final)
         except Exception as e:
             if main:
