@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_parser(sub)
     export.add_parser(sub)
     serve.add_parser(sub)
+    from . import chat
+
+    chat.add_parser(sub)
     from .datatools import cli as datatools_cli
 
     datatools_cli.add_parser(sub)
@@ -175,11 +178,13 @@ def main(argv: list[str] | None = None) -> int:
     from .serve import cmd_serve
     from .sweep import cmd_sweep
     from .datatools.cli import cmd_data
+    from .chat import cmd_chat
 
     handlers = {"train": cmd_train, "check": cmd_check, "config": cmd_config, "generate": cmd_generate,
                 "eval": cmd_eval, "compare": cmd_compare, "blind": cmd_blind, "judge": cmd_judge,
                 "report": cmd_report, "sweep": cmd_sweep,
-                "export": cmd_export, "serve": cmd_serve, "data": cmd_data}
+                "export": cmd_export, "serve": cmd_serve, "data": cmd_data,
+                "chat": cmd_chat}
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError, ModelError, PreflightError, TrainingError, DiskFullError) as e:

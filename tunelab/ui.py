@@ -8,7 +8,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import TrainerCallback
 
-console = Console(stderr=True, highlight=False)
+# Logs (stderr). Not on a terminal (a log file, a pipe), lines are never wrapped at rich's default 80 columns
+# (soft_wrap): a wrapped sentence in a log can't be grepped. Results (tables) go to stdout, through `out`.
+console = Console(stderr=True, highlight=False, soft_wrap=not sys.stderr.isatty())
+out = Console(highlight=False)
 
 
 def warn(msg: str) -> None:
