@@ -262,14 +262,14 @@ def generate(loaded, prompts: list[str | Example], params: GenParams, *, batch_s
 
 
 def _progress(total: int):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-    from .ui import console
+    from .ui import Progress
 
     p = Progress(TextColumn("[bold]generate"), BarColumn(), MofNCompleteColumn(), TextColumn("eta"),
-                 TimeRemainingColumn(), console=console, transient=True)
+                 TimeRemainingColumn(), transient=True, label="generate", unit="prompts")
     p.start()
-    return p, p.add_task("gen", total=total)
+    return p, p.add_task("generate", total=total)
 
 
 def read_prompts(prompts: list[str], file: str | None) -> list[Example]:

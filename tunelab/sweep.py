@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .config import ConfigError, load_config
 from .fsutil import atomic_write_text
-from .ui import console
+from .ui import console, show
 
 METRICS = {"best_eval_loss": min, "eval_loss": min, "train_loss": min}
 
@@ -140,7 +140,7 @@ def finish(out: Path, results: list[dict], keys: list[str], metric: str) -> None
         table.add_row(*[str(r["params"][k]) for k in keys], r["status"] + mark, str(s.get("train_loss")),
                       str(s.get("eval_loss")), str(s.get("best_eval_loss")), str(s.get("global_step")),
                       f"{s.get('wall_time_s', 0) / 60:.1f}" if s else "")
-    console.print(table)
+    show(table)
     if best:
         console.print(f"best trial: [bold]{best['name']}[/bold] ({metric} {best['summary'][metric]})")
     import matplotlib
