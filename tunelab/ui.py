@@ -34,7 +34,8 @@ def _clock(seconds: float) -> str:
 class Progress(rich.progress.Progress):
     """rich's live progress bar on a terminal. Elsewhere (stderr to a log file or a pipe, where a live bar
     prints nothing) one plain line per task every TUNELAB_PROGRESS_EVERY seconds (default 20) and one when
-    it ends: `label task: done/total (pct), rate/s, elapsed, eta`. Every long command uses this class."""
+    it ends (when it completed, or said something before: a command that fails early ends in its one error
+    line): `label task: done/total (pct), rate/s, elapsed, eta`. Every long command uses this class."""
 
     def __init__(self, *columns, label: str = "", unit: str = "", **kwargs):
         kwargs.setdefault("console", console)
@@ -48,7 +49,7 @@ class Progress(rich.progress.Progress):
 
     def add_task(self, description: str, *args, **kwargs):
         task_id = super().add_task(description, *args, **kwargs)
-        self._last[task_id] = [time.monotonic(), kwargs.get("completed", 0), time.monotonic()]
+        self._last[task_id] = [time.monotonic(), kwargs.get("completed", 0), time.monotonic(), False]
         return task_id
 
     def update(self, task_id, **kwargs) -> None:
@@ -67,15 +68,17 @@ class Progress(rich.progress.Progress):
     def _line(self, task_id, final: bool = False) -> None:
         if not self.lines or task_id not in self._last:
             return
-        start, first, last = self._last[task_id]
+        start, first, last, said = self._last[task_id]
         now = time.monotonic()
         if not final and now - last < self.every:
             return
         task = next(t for t in self.tasks if t.id == task_id)
         if final:
             del self._last[task_id]  # said once
+            if not said and not (task.total and task.completed >= task.total):
+                return
         else:
-            self._last[task_id][2] = now
+            self._last[task_id][2:] = [now, True]
         done, total, elapsed = task.completed, task.total, now - start
         rate = (done - first) / elapsed if elapsed > 0 else 0.0
         name = " ".join(x for x in (self.label, task.description if task.description != self.label else "") if x)
