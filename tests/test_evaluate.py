@@ -146,7 +146,7 @@ def test_eval_two_models_table_and_cache(tmp_path, tiny_model, monkeypatch, caps
     per_a = r["models"][str(tiny_model)]["add"]["per_item"]["acc"]
     per_b = r["models"][str(other)]["add"]["per_item"]["acc"]
     assert abs(r["diffs"][str(other)]["add"]["diff"][0] - (sum(per_b) - sum(per_a)) / 12) < 1e-9
-    assert "Δ" in capsys.readouterr().err
+    assert "Δ" in capsys.readouterr().out  # the table is a result: stdout
     # second run: everything from the cache, same numbers
     (out / "results.json").unlink()
     assert main(args) == 0

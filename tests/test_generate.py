@@ -102,3 +102,67 @@ def test_adapter_on_a_different_base_is_refused_naming_both(tmp_path, tiny_confi
     assert main(["generate", str(other), "--adapter", str(run / "checkpoint-1"), "-p", "hi"]) == 2
     err = capsys.readouterr().err
     assert "trained on a different base" in err and "hidden size 64" in err and "hidden size 96" in err
+
+
+# ---- issue 18.4 ---------------------------------------------------------------------------------
+
+def test_prompt_longer_than_the_context_window_is_refused_before_generating(tmp_path, tiny_model, capsys,
+                                                                          monkeypatch):
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+    long = " ".join(["the capital city of the country"] * 120)  # > 512 tokens (the tiny model's window)
+    assert main(["generate", str(tiny_model), "-p", "Hi", "-p", long, "--max-new-tokens", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "prompt 2" in err and "context window of 512 tokens" in err and len(err.strip().splitlines()) == 1
+    # fits alone, but not with the new tokens
+    mid = " ".join(["the capital city of the country"] * 60)
+    assert main(["generate", str(tiny_model), "-p", mid, "--max-new-tokens", "400"]) == 2
+    assert "max_new_tokens 400" in capsys.readouterr().err
+
+
+def _force_hangul(loaded, char="한"):
+    """Bias greedy decoding so the tiny model repeats `char`, whose 3 UTF-8 bytes are 3 byte-level tokens."""
+    ids = loaded.tokenizer.encode(char, add_special_tokens=False)
+    assert len(ids) == 3 and loaded.tokenizer.decode(ids[:2]).endswith("\ufffd")  # really split into bytes
+    a, b, c = ids
+    loaded.model.generation_config.sequence_bias = {(a,): 100.0, (a, b): 200.0, (b, c): 200.0}
+    return ids
+
+
+def test_a_reply_cut_inside_a_hangul_character_never_ends_in_replacement_char(tiny_model):
+    loaded = load_for_inference(str(tiny_model))
+    _force_hangul(loaded)
+    for n in (3, 4, 5, 7):  # cut after 0, 1 and 2 bytes of the last character
+        got = generate_batch(loaded, ["Hi"], GenParams(max_new_tokens=n))[0]
+        assert got.text == "한" * (n // 3) and got.finish_reason == "length"
+        pieces = []
+        streamed = generate_batch(loaded, ["Hi"], GenParams(max_new_tokens=n), stream=pieces.append)[0]
+        assert "".join(pieces) == streamed.text == got.text
+
+
+def test_outputs_come_back_in_input_order(loaded):
+    prompts = ["Add 10 and 20 and then tell me about the capital city of the country.", "Hi",
+               "Add 1 and 2.", "Write a response about the number 7 and the city.", "a"]
+    params = GenParams(max_new_tokens=6)
+    got = generate(loaded, prompts, params, batch_size=2)  # batched by length: the order inside differs
+    single = [generate_batch(loaded, [p], params)[0] for p in prompts]
+    assert [c.prompt for c in got] == prompts
+    assert [c.text for c in got] == [c.text for c in single]
+
+
+def test_stop_escapes():
+    from tunelab.generate import unescape
+
+    assert unescape("\\n") == "\n" and unescape("\\t###") == "\t###" and unescape("a\\\\n") == "a\\n"
+    assert unescape("\\u00e9") == "é" and unescape("한\\n") == "한\n" and unescape("plain") == "plain"
+    with pytest.raises(GenerationError, match="bad escape"):
+        unescape("oops\\")
+
+
+def test_system_flag_reaches_the_prompt(tmp_path, tiny_model, capsys, monkeypatch):
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+    assert main(["generate", str(tiny_model), "--template", "chat_template", "--system", "Answer in Korean.",
+                 "-p", "Hi", "--max-new-tokens", "2", "--show-prompt"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["rendered_prompt"].startswith("⟦<|im_start|>⟧system\nAnswer in Korean.⟦<|im_end|>⟧\n")
+    assert main(["generate", str(tiny_model), "--system", "x", "-p", "Hi"]) == 2  # alpaca has no system part
+    assert "--system: the alpaca template has no system message" in capsys.readouterr().err

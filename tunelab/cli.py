@@ -61,6 +61,8 @@ COMMANDS = [
             "tunelab.serve:add_parser", "tunelab.serve:cmd_serve"),
     Command("data", "data workbench: stats, dedup, decontaminate, filter, mix, synth",
             "tunelab.datatools.cli:add_parser", "tunelab.datatools.cli:cmd_data"),
+    Command("chat", "talk to a model or run in the terminal (history, streaming, the run's template)",
+            "tunelab.chat:add_parser", "tunelab.chat:cmd_chat"),
     Command("plan", "will this run fit and how long will it take, per GPU (before anything is downloaded)",
             "tunelab.plan:add_parser", "tunelab.plan:cmd_plan"),
     Command("config", "print the resolved config (defaults + file + --set) as YAML",

@@ -6,7 +6,9 @@ path from an example to the ids the model is sent, which `tunelab check` compare
 left-padded into batches of similar length, and decoded greedily or by sampling. Stop strings end
 a completion inside `model.generate` (a StoppingCriteria of our own, `_StopStrings`: transformers'
 stop_strings also matches across the prompt boundary) and are cut from the returned text.
-Results are cached on disk (see cache.py) so reruns are instant.
+Results are cached on disk (see cache.py) so reruns are instant. A prompt that with max_new_tokens
+would not fit the model's context window is refused before anything runs; a reply cut inside a
+multi-byte character (max_new_tokens reached mid-Hangul) ends before that character, never in U+FFFD.
 """
 
 from __future__ import annotations
@@ -126,11 +128,48 @@ class _TerminalStream:
 
     def _on_text(self, text: str, stream_end: bool = False):
         self.text += text
+        if stream_end:  # an incomplete last character is held back, as in decode_whole
+            self.text = self.text.rstrip("\ufffd")
         cut, stopped = _cut_at_stop(self.text, self.stops)
         upto = len(cut) if (stopped or stream_end) else max(self.shown, len(cut) - self.hold)
         if upto > self.shown:
             self.write(cut[self.shown:upto])
             self.shown = upto
+
+
+def unescape(stop: str) -> str:
+    """`--stop '\\n'` means a newline: the usual backslash escapes (\\n, \\t, \\\\, \\uXXXX, \\x..) are decoded.
+    Python's own unicode_escape codec does the work; non-Latin-1 text survives via backslashreplace."""
+    try:
+        return stop.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    except UnicodeDecodeError as e:
+        raise GenerationError(f"--stop {stop!r}: bad escape ({e.reason})") from None
+
+
+def decode_whole(tok, ids: list[int]) -> str:
+    """The text of generated ids without a trailing incomplete character: byte-level tokenizers split a
+    Hangul syllable (3 UTF-8 bytes) into several tokens, and a reply cut between them would end in U+FFFD.
+    Up to 3 trailing tokens (the bytes of one incomplete character) are held back."""
+    text = tok.decode(ids, skip_special_tokens=True)
+    for k in range(1, min(3, len(ids)) + 1):
+        if not text.endswith("\ufffd"):
+            break
+        text = tok.decode(ids[:-k], skip_special_tokens=True)
+    return text
+
+
+def context_limit(loaded) -> int | None:
+    """The model's context window in tokens (max_position_embeddings), None when it doesn't say."""
+    n = getattr(getattr(loaded.model, "config", None), "max_position_embeddings", None)
+    return n if isinstance(n, int) and n > 0 else None
+
+
+def check_fits(loaded, n_prompt: int, max_new_tokens: int, what: str = "the prompt") -> None:
+    limit = context_limit(loaded)
+    if limit is not None and n_prompt + max_new_tokens > limit:
+        raise GenerationError(f"{what} is {n_prompt} tokens; with max_new_tokens {max_new_tokens} that is "
+                              f"{n_prompt + max_new_tokens} > the model's context window of {limit} tokens "
+                              f"(shorten the prompt or lower --max-new-tokens)")
 
 
 def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
@@ -213,7 +252,7 @@ def generate_batch(loaded, prompts: list[str | Example], params: GenParams, temp
             new = new[: new.index(tok.eos_token_id)]
         while new and new[-1] == tok.pad_token_id:
             new.pop()
-        text, stopped = _cut_at_stop(tok.decode(new, skip_special_tokens=True), params.stop)
+        text, stopped = _cut_at_stop(decode_whole(tok, new), params.stop)
         results.append(Completion(as_example(p).display(), text, len(new), "stop" if (ended or stopped) else "length"))
     return results
 
@@ -226,6 +265,9 @@ def generate(loaded, prompts: list[str | Example], params: GenParams, *, batch_s
     with a single prompt to generate, stream(text) also gets its tokens as they come."""
     params.validate()
     results: list[Completion | None] = [None] * len(prompts)
+    lengths = [len(prompt_ids(loaded, p, template)) for p in prompts]
+    for i, n in enumerate(lengths):  # before any work: a too-long prompt would run for minutes into garbage
+        check_fits(loaded, n, params.max_new_tokens, f"prompt {i + 1} ({as_example(prompts[i]).display()[:40]!r})")
     todo = []
     for i, p in enumerate(prompts):
         hit = cache.get(loaded, build_prompt(loaded, p, template), params) if cache is not None else None
@@ -237,7 +279,7 @@ def generate(loaded, prompts: list[str | Example], params: GenParams, *, batch_s
         else:
             todo.append(i)
     # Sort by prompt length so each batch pads little; results go back to their original order.
-    todo.sort(key=lambda i: len(prompt_ids(loaded, prompts[i], template)))
+    todo.sort(key=lambda i: lengths[i])
     bar = _progress(len(todo)) if progress and todo else None
     try:
         for start in range(0, len(todo), batch_size):
@@ -259,14 +301,14 @@ def generate(loaded, prompts: list[str | Example], params: GenParams, *, batch_s
 
 
 def _progress(total: int):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-    from .ui import console
+    from .ui import Progress
 
     p = Progress(TextColumn("[bold]generate"), BarColumn(), MofNCompleteColumn(), TextColumn("eta"),
-                 TimeRemainingColumn(), console=console, transient=True)
+                 TimeRemainingColumn(), transient=True, label="generate", unit="prompts")
     p.start()
-    return p, p.add_task("gen", total=total)
+    return p, p.add_task("generate", total=total)
 
 
 def read_prompts(prompts: list[str], file: str | None) -> list[Example]:
@@ -318,7 +360,9 @@ def add_parser(sub) -> None:
     p.add_argument("--top-k", type=int)
     p.add_argument("--repetition-penalty", type=float)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--stop", action="append", default=[],
+                   help="stop string (repeatable; escapes like \\n, \\t, \\uXXXX are understood)")
+    p.add_argument("--system", help="system message (chat_template runs; replaces the run's data.system_prompt)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the generation cache")
     p.add_argument("--show-prompt", action="store_true",
@@ -328,7 +372,17 @@ def add_parser(sub) -> None:
 def params_from_args(args) -> GenParams:
     return GenParams(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
                      top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty,
-                     seed=args.seed, stop=list(args.stop))
+                     seed=args.seed, stop=[unescape(s) for s in args.stop])
+
+
+def set_system(loaded, system: str | None) -> None:
+    """--system: the system message, through render_prompt's system prompt (only chat templates have one)."""
+    if system is None:
+        return
+    if loaded.template != "chat_template":
+        raise GenerationError(f"--system: the {loaded.template} template has no system message (only "
+                              f"chat_template renders one; pass --template chat_template for a chat model)")
+    loaded.system_prompt = system
 
 
 def cmd_generate(args) -> int:
@@ -343,6 +397,7 @@ def cmd_generate(args) -> int:
         raise GenerationError(f"--batch-size must be > 0, got {args.batch_size}")
     prompts = read_prompts(args.prompt, args.file)
     loaded = load_for_inference(args.model, adapter=args.adapter, template=args.template)
+    set_system(loaded, args.system)
     cache = None if args.no_cache else Cache()
     t0 = time.perf_counter()
     stream = sys.stdout.isatty() or not args.out or args.show_prompt

@@ -307,15 +307,13 @@ def write_rows_with_provenance(out: Path, rows: list[dict], prov: Provenance) ->
 # ---- progress -----------------------------------------------------------------------------------
 
 def progress():
-    """A rich progress bar with ETA on stderr."""
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
+    """A rich progress bar with ETA on stderr; progress lines when stderr is not a terminal (ui.Progress)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from ..ui import console
+    from ..ui import Progress, console
 
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("eta"), TimeRemainingColumn(), console=console, transient=True,
-                    disable=not console.is_terminal)
+                    TextColumn("eta"), TimeRemainingColumn(), console=console, transient=True, label="data")
 
 
 def fraction(value: float, flag: str, lo: float = 0.0, hi: float = 1.0, lo_open: bool = True) -> float:

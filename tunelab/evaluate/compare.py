@@ -16,7 +16,7 @@ from ..config import ConfigError
 from ..data.sources import read_jsonl
 from ..fsutil import atomic_write_text
 from ..generate import GenParams, generate, read_prompts
-from ..ui import console
+from ..ui import console, show
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[2] / "examples" / "prompts_recipe.txt"
 
@@ -94,7 +94,7 @@ def cmd_compare(args) -> int:
         table.add_column(col, ratio=1)
     for r in rows:
         table.add_row(r["prompt"], r["a"], r["b"])
-    console.print(table)
+    show(table)
     console.print(f"written {out / 'compare.jsonl'} and {out / 'compare.md'}")
     return 0
 

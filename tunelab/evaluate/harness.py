@@ -13,20 +13,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from ..cache import Cache, model_fingerprint
 from ..data.templates import Example
 from ..fsutil import atomic_write_text
 from ..generate import GenParams, generate
-from ..ui import console
+from ..ui import Progress, console, show
 from . import scoring
 from .stats import (
     bootstrap_ci,
@@ -277,7 +271,7 @@ def cmd_eval(args) -> int:
         results["models"][spec] = {}
         with Progress(TextColumn(f"[bold]{Path(spec).name or spec}[/bold] {{task.description}}"), BarColumn(),
                       MofNCompleteColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
-                      transient=True) as progress:
+                      transient=True, label=f"eval {Path(spec).name or spec}", unit="items") as progress:
             for t, items in prepared:
                 per = score_task(loaded, t, items, cache, args.batch_size, progress)
                 results["models"][spec][t.name] = {"metrics": summarize(t, per, args.seed), "per_item": per}
@@ -328,4 +322,4 @@ def print_table(results: dict, models: list[str]) -> None:
                     cell += f"\nΔ {sign}{fmt_ci(d['diff'], pct)}"
                 row.append(cell)
             table.add_row(*row)
-    console.print(table)
+    show(table)

@@ -212,14 +212,14 @@ def add_parser(sub) -> None:
 
 
 def cmd_judge(args) -> int:
-    from rich.progress import Progress
+    from ..ui import Progress
 
     folder = Path(args.folder)
     meta, rows = load_pairs(folder)
     rows = rows[: args.limit or None]
     judge = HttpJudge(args.judge_url, args.judge_model, args.api_key_env) if args.judge_url else LocalJudge(args.judge)
     cache = Cache()
-    with Progress(console=console, transient=True) as prog:
+    with Progress(console=console, transient=True, label="judge", unit="items") as prog:
         bar = prog.add_task("judging", total=len(rows))
         fn = judge_pairwise if args.mode == "pairwise" else judge_single
         result = fn(judge, rows, cache, args.retries, progress=lambda: prog.advance(bar))
