@@ -19,8 +19,8 @@ from typing import Any
 
 import yaml
 
-from .methods.sections import (METHODS, ClassifySection, DpoSection, GrpoSection, KtoSection, OrpoSection,
-                               SimpoSection, check_sections)
+from .methods.sections import (METHODS, ClassifyConfig, DpoConfig, GrpoConfig, KtoConfig, OrpoConfig,
+                               SimpoConfig, check_sections)
 
 
 class ConfigError(ValueError):
@@ -109,7 +109,7 @@ class DataConfig:
 
 
 @dataclass
-class LoraSection:
+class LoraConfig:
     enabled: bool = True
     """false = full fine-tune."""
     r: int = 16
@@ -131,7 +131,7 @@ class QuantizationConfig:
 
 
 @dataclass
-class TrainSection:
+class TrainConfig:
     """Names are transformers.TrainingArguments names and mean the same."""
 
     per_device_train_batch_size: int = 2
@@ -168,7 +168,7 @@ class TrainSection:
 
 
 @dataclass
-class EvalSection:
+class EvalConfig:
     early_stopping_patience: int = 0
     """Stop after this many evaluations without an eval-loss improvement (0 = off)."""
     early_stopping_threshold: float = 0.0
@@ -184,16 +184,16 @@ class EvalSection:
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    lora: LoraSection = field(default_factory=LoraSection)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
-    train: TrainSection = field(default_factory=TrainSection)
-    eval: EvalSection = field(default_factory=EvalSection)
-    dpo: DpoSection = field(default_factory=DpoSection)
-    kto: KtoSection = field(default_factory=KtoSection)
-    orpo: OrpoSection = field(default_factory=OrpoSection)
-    simpo: SimpoSection = field(default_factory=SimpoSection)
-    grpo: GrpoSection = field(default_factory=GrpoSection)
-    classify: ClassifySection = field(default_factory=ClassifySection)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    dpo: DpoConfig = field(default_factory=DpoConfig)
+    kto: KtoConfig = field(default_factory=KtoConfig)
+    orpo: OrpoConfig = field(default_factory=OrpoConfig)
+    simpo: SimpoConfig = field(default_factory=SimpoConfig)
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -15,7 +15,7 @@ PAIRED = ("dpo", "orpo", "simpo", "reward")  # methods trained on prompt/chosen/
 
 
 @dataclass
-class DpoSection:
+class DpoConfig:
     """train.method=dpo (trl.DPOTrainer)."""
 
     beta: float = 0.1
@@ -28,7 +28,7 @@ class DpoSection:
 
 
 @dataclass
-class KtoSection:
+class KtoConfig:
     """train.method=kto (trl.KTOTrainer) on unpaired prompt/completion/label rows."""
 
     beta: float = 0.1
@@ -37,7 +37,7 @@ class KtoSection:
 
 
 @dataclass
-class OrpoSection:
+class OrpoConfig:
     """train.method=orpo (trl.experimental.orpo.ORPOTrainer): no reference model."""
 
     beta: float = 0.1
@@ -45,7 +45,7 @@ class OrpoSection:
 
 
 @dataclass
-class SimpoSection:
+class SimpoConfig:
     """train.method=simpo: trl.experimental.cpo.CPOTrainer with loss_type=simpo (reference-free)."""
 
     beta: float = 2.0
@@ -56,7 +56,7 @@ class SimpoSection:
 
 
 @dataclass
-class GrpoSection:
+class GrpoConfig:
     """train.method=grpo (trl.GRPOTrainer) with verifiable rewards."""
 
     rewards: list[str] = field(default_factory=list)
@@ -80,7 +80,7 @@ class GrpoSection:
 
 
 @dataclass
-class ClassifySection:
+class ClassifyConfig:
     """train.method=classify: AutoModelForSequenceClassification + LoRA (task_type SEQ_CLS)."""
 
     text_field: str = "text"
@@ -89,8 +89,8 @@ class ClassifySection:
     """An optional second text column (e.g. an answer to the text), encoded as a pair."""
 
 
-SECTIONS = {"dpo": DpoSection, "kto": KtoSection, "orpo": OrpoSection, "simpo": SimpoSection,
-            "grpo": GrpoSection, "classify": ClassifySection}
+SECTIONS = {"dpo": DpoConfig, "kto": KtoConfig, "orpo": OrpoConfig, "simpo": SimpoConfig,
+            "grpo": GrpoConfig, "classify": ClassifyConfig}
 LOSS_TYPES = ["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"]
 
