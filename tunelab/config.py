@@ -91,8 +91,8 @@ class DataConfig:
     crossing one; same gradient, no padding computed, larger matrix products (faster on CPU)."""
     pack_max_tokens: int = 4096
     """With packing: most tokens per forward pass; a longer step is split at example boundaries
-    into several passes (gradient accumulation). Bounds activation memory: on a quiet 2-core CPU, 512
-    trained SmolLM2 at 98% of 4096's speed with 29% of its memory (BENCHMARKS.md)."""
+    into several passes (gradient accumulation). Bounds activation memory; smaller pieces cost little
+    speed on a CPU (BENCHMARKS.md has the measured trade-off, CPU and GPU)."""
     min_response_chars: int | None = None
     """Drop rows whose response is shorter than this many characters (as `tunelab data filter`)."""
     max_response_chars: int | None = None
