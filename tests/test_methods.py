@@ -85,7 +85,11 @@ def test_dtype_warning_only_where_the_cpu_emulates_it(monkeypatch):
 
     from tunelab import models
 
-    assert isinstance(models.cpu_has_native(torch.bfloat16), bool)
+    # cpu_has_native answers from the CPU's flags (a tautological isinstance check stood here before)
+    monkeypatch.setattr(models, "cpu_info", lambda: ("AMD EPYC", frozenset({"avx2", "fma"})))
+    assert models.cpu_has_native(torch.bfloat16) is False
+    monkeypatch.setattr(models, "cpu_info", lambda: ("Xeon", frozenset({"avx512f", "avx512_bf16"})))
+    assert models.cpu_has_native(torch.bfloat16) is True
     assert models.pick_dtype("auto", "cpu") == torch.float32 and models.dtype_warning(torch.float32, "cpu") is None
     monkeypatch.setattr(models, "cpu_has_native", lambda dtype: False)
     msg = models.dtype_warning(torch.bfloat16, "cpu")
