@@ -32,6 +32,7 @@ demo: install
 	@echo "open runs/demo-report/report.html"
 
 test: install
+	$(BIN)/ruff check tunelab
 	$(BIN)/python -m pytest -q
 
 clean:

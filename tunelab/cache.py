@@ -57,7 +57,8 @@ class Cache:
         return json.loads(row[0]) if row else None
 
     def put_raw(self, key: str, kind: str, value) -> None:
-        self.db.execute("INSERT OR REPLACE INTO items VALUES (?, ?, ?)", (key, kind, json.dumps(value, ensure_ascii=False)))
+        self.db.execute("INSERT OR REPLACE INTO items VALUES (?, ?, ?)",
+                        (key, kind, json.dumps(value, ensure_ascii=False)))
         self.db.commit()
 
     def get(self, loaded, prompt: str, params):

@@ -118,7 +118,8 @@ class CommitCheckpoints(TrainerCallback):
     def __init__(self, run: Path, limit: int | None, base: tuple[Path, str] | None = None):
         self.run, self.limit = run, limit
         self.staging = run / STAGING
-        self.base = base  # (base folder, its name): recorded beside each checkpoint's adapter (models.check_adapter_base)
+        # (base folder, its name): recorded beside each checkpoint's adapter (models.check_adapter_base)
+        self.base = base
 
     def _public(self, path: str | None) -> str | None:
         """A path under .staging as it will be after the commit."""

@@ -16,8 +16,15 @@ from __future__ import annotations
 import sys
 
 from .data.templates import Example
-from .generate import (GenerationError, check_fits, context_limit, generate_batch, params_from_args, prompt_ids,
-                       set_system)
+from .generate import (
+    GenerationError,
+    check_fits,
+    context_limit,
+    generate_batch,
+    params_from_args,
+    prompt_ids,
+    set_system,
+)
 
 
 def add_parser(sub) -> None:

@@ -38,7 +38,8 @@ class Command:
 
 
 COMMANDS = [
-    Command("train", "train a run (LoRA, QLoRA or full fine-tune)", "tunelab.cli:_train_parser", "tunelab.cli:cmd_train"),
+    Command("train", "train a run (LoRA, QLoRA or full fine-tune)", "tunelab.cli:_train_parser",
+            "tunelab.cli:cmd_train"),
     Command("check", "preflight: data, tokenizer and config checks without training",
             "tunelab.cli:_check_parser", "tunelab.cli:cmd_check"),
     Command("generate", "answer prompts with a model, run folder or checkpoint",

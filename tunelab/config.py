@@ -19,8 +19,16 @@ from typing import Any
 
 import yaml
 
-from .methods.sections import (METHODS, ClassifyConfig, DpoConfig, GrpoConfig, KtoConfig, OrpoConfig,
-                               SimpoConfig, check_sections)
+from .methods.sections import (
+    METHODS,
+    ClassifyConfig,
+    DpoConfig,
+    GrpoConfig,
+    KtoConfig,
+    OrpoConfig,
+    SimpoConfig,
+    check_sections,
+)
 
 
 class ConfigError(ValueError):
@@ -345,7 +353,9 @@ def validate(cfg: RunConfig, where_of=lambda k: k) -> list[str]:
         value = getattr(getattr(cfg, sec), key)
         if value not in options:
             _fail(where_of(dotted), f"{dotted}={value!r} is not one of: {', '.join(options)}"
-                  + (_did_you_mean(value, options).replace(" (known:", " (choose from:") if isinstance(value, str) and difflib.get_close_matches(value, options, n=1, cutoff=0.6) else ""))
+                  + (_did_you_mean(value, options).replace(" (known:", " (choose from:")
+                     if isinstance(value, str) and difflib.get_close_matches(value, options, n=1, cutoff=0.6)
+                     else ""))
     d, lo, q, t, e = cfg.data, cfg.lora, cfg.quantization, cfg.train, cfg.eval
 
     def positive(sec, name, value, allow_zero=False):
@@ -366,7 +376,8 @@ def validate(cfg: RunConfig, where_of=lambda k: k) -> list[str]:
     for name in ("min_response_chars", "max_response_chars"):  # row filters (tunelab/datatools/filters.py)
         if getattr(d, name) is not None:
             positive("data", name, getattr(d, name), allow_zero=True)
-    if d.min_response_chars is not None and d.max_response_chars is not None and d.min_response_chars > d.max_response_chars:
+    if (d.min_response_chars is not None and d.max_response_chars is not None
+            and d.min_response_chars > d.max_response_chars):
         _fail(where_of("data.min_response_chars"), f"data.min_response_chars ({d.min_response_chars}) is above "
               f"data.max_response_chars ({d.max_response_chars})")
     if d.scripts:
@@ -374,7 +385,8 @@ def validate(cfg: RunConfig, where_of=lambda k: k) -> list[str]:
 
         for sc in d.scripts:
             if sc.lower() not in {n.lower() for n in SCRIPT_NAMES}:
-                _fail(where_of("data.scripts"), f"data.scripts: unknown script '{sc}' (known: {', '.join(SCRIPT_NAMES)})")
+                _fail(where_of("data.scripts"),
+                      f"data.scripts: unknown script '{sc}' (known: {', '.join(SCRIPT_NAMES)})")
     if lo.enabled:
         positive("lora", "r", lo.r)
         positive("lora", "alpha", lo.alpha)

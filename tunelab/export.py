@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from .config import ConfigError
-from .models import find_run
 from .data.templates import TemplateError
 from .fsutil import atomic_dir
+from .models import find_run
 from .parity import THRESHOLDS, compare, measure, probe_set, report, table
 from .shiptemplate import jinja_template, modelfile
 from .ui import console
@@ -69,7 +69,8 @@ def _load_merged(run_path: Path, dtype_name: str):
     try:
         base = resolve_model(base_spec)
     except ModelError as e:
-        raise ExportError(f"the adapter in {weights} needs its base model '{base_spec}', which is not available: {e}") from None
+        raise ExportError(f"the adapter in {weights} needs its base model '{base_spec}', "
+                          f"which is not available: {e}") from None
     check_adapter_base(weights, base)
     tok, _ = load_tokenizer(weights if (weights / "tokenizer_config.json").is_file() else base,
                             cfg.model.pad_token)
@@ -197,7 +198,8 @@ def cmd_export(args) -> int:
             console.print(f"GGUF {gguf_path.name}: loads back in transformers; next-token argmax agrees with the "
                           f"safetensors export on {100 * agree:.1f}% of positions")
             if agree < (0.95 if args.gguf == "f16" else 0.85):
-                raise ExportError(f"GGUF check failed: only {100 * agree:.1f}% next-token agreement; nothing was written")
+                raise ExportError(f"GGUF check failed: only {100 * agree:.1f}% next-token agreement; "
+                                  f"nothing was written")
             results.append(compare(f"gguf {args.gguf}", ref_m, measure(load_gguf(gguf_path), tok, probes,
                                                                          args.verify_tokens)))
             if not results[-1].passed:  # its own output goes; the verified safetensors export stays
@@ -374,7 +376,6 @@ def check_gguf(reference, tok, path: Path, template: str, system_prompt: str | N
     from transformers import AutoTokenizer
 
     from .data.templates import Example, render_prompt
-
     from .quiet import gguf_progress_off
 
     try:

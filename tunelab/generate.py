@@ -349,7 +349,8 @@ def add_parser(sub) -> None:
     p.add_argument("model", help="model spec (smollm2-135m, folder, .gguf, hub id) or a run folder / checkpoint")
     p.add_argument("--adapter", help="a LoRA adapter (run folder or checkpoint) to apply to MODEL")
     p.add_argument("--prompt", "-p", action="append", default=[], help="a prompt (repeatable)")
-    p.add_argument("--file", "-f", help="prompts file: .txt one per line, .jsonl with prompt/instruction/turns; - = stdin")
+    p.add_argument("--file", "-f",
+                   help="prompts file: .txt one per line, .jsonl with prompt/instruction/turns; - = stdin")
     p.add_argument("--out", help="write results as JSONL here")
     p.add_argument("--template", choices=["alpaca", "chat_template", "plain"],
                    help="prompt template (default: the run's; alpaca for a bare model)")
@@ -432,7 +433,8 @@ def cmd_generate(args) -> int:
                        progress=not (tty and len(prompts) == 1), stream=stream_tokens if tty else None)
     if args.out:
         rows = [{"prompt": c.prompt, "completion": c.text, "tokens": c.tokens, "finish_reason": c.finish_reason,
-                 "model": loaded.name, "template": loaded.template, **{f"param_{k}": v for k, v in params.key().items()}}
+                 "model": loaded.name, "template": loaded.template,
+                 **{f"param_{k}": v for k, v in params.key().items()}}
                 for c in results]
         atomic_write_text(Path(args.out), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     new = sum(c.tokens for c in results if not c.cached)

@@ -82,7 +82,8 @@ def convert_gguf(gguf: Path, label: str | None = None) -> Path:
             tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
             model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     except Exception as e:  # transformers raises many types for a bad file
-        raise ModelError(f"{gguf}: not a GGUF model transformers can read ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        raise ModelError(f"{gguf}: not a GGUF model transformers can read "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})")
     # A GGUF-loaded model is flagged as quantized and refuses save_pretrained; its weights are
     # already de-quantised fp32, so dropping the flag is exact.
     if getattr(model, "hf_quantizer", None) is not None:
@@ -390,7 +391,8 @@ def load_for_inference(spec: str, *, adapter: str | None = None, template: str |
         raise ModelError(f"{spec}: adapter without a run config; pass the base model and --adapter {spec}")
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
-    is_full = weights is not None and (weights / "config.json").is_file() and not (weights / "adapter_config.json").is_file()
+    is_full = (weights is not None and (weights / "config.json").is_file()
+               and not (weights / "adapter_config.json").is_file())
     base_folder = weights if is_full else _base_folder(base_spec, rc.model.revision)
     tok_folder = weights if (weights is not None and (weights / "tokenizer_config.json").is_file()) else base_folder
     tok, _ = load_tokenizer(tok_folder, rc.model.pad_token)

@@ -120,7 +120,8 @@ def table(results: list[StepResult], source: str) -> str:
              f"result (bounds)"]
     for r in results:
         lines.append(f"{r.step:<18} {f(r.max_abs_dlogp):>10} {f(r.mean_abs_dlogp):>11} "
-                     f"{f'{r.greedy_identical}/{r.rows}':>11} {'-' if r.first_divergence is None else r.first_divergence:>11}"
+                     f"{f'{r.greedy_identical}/{r.rows}':>11} "
+                     f"{'-' if r.first_divergence is None else r.first_divergence:>11}"
                      f"  {'ok' if r.passed else 'FAIL'} ({r.bounds})")
     return "\n".join(lines)
 

@@ -155,7 +155,7 @@ def shape_from_config_json(path: Path) -> Shape:
 def find_shape(spec: str, revision: str | None = None) -> tuple[Shape, str]:
     """(shape, where it came from), without the network: a local folder, the embedded model's cached
     conversion, the local HF cache, then the built-in table. ModelError names the file it needs."""
-    from .models import EMBEDDED, ModelError, gguf_cache_folder, embedded_gguf
+    from .models import EMBEDDED, ModelError, embedded_gguf, gguf_cache_folder
 
     p = Path(spec).expanduser()
     if spec in EMBEDDED:
@@ -299,9 +299,10 @@ peak (BENCHMARKS.md run C): the elementwise work around the matmuls does not spe
 GPU_EFFICIENCY = {"lora": (0.25, 0.40, 0.75), "full": (0.25, 0.40, 0.75), "qlora": (0.20, 0.33, 0.75)}
 """Published single-GPU runs, as a fraction of the datasheet peak (FLOPs counted as below):
 litgpt Llama-3-8B QLoRA on an A10G 0.32 (incl. its validation), torchtune Llama-3.1-8B QLoRA on a
-4090 0.65 (0.69 before the saturation factor below) and LoRA 0.84 (compiled; the top of the range is compiled torchtune, and its LoRA figure is
-above what this model admits, see VALIDATION); the recipe's T4 run ~0.3 of the T4's fp32 peak (bf16
-without tensor cores). The range is what tunelab prints; the middle value is its single best guess."""
+4090 0.65 (0.69 before the saturation factor below) and LoRA 0.84 (compiled; the top of the range is
+compiled torchtune, and its LoRA figure is above what this model admits, see VALIDATION); the recipe's T4
+run ~0.3 of the T4's fp32 peak (bf16 without tensor cores). The range is what tunelab prints; the middle
+value is its single best guess."""
 GPU_LAYER_PASS_S = 1e-3
 """Fixed time per decoder layer per forward+backward pass on a GPU (kernel launches of eager
 PyTorch + peft: ~40 small kernels per layer at ~10-25 us each): what a tiny model's step costs."""
@@ -423,7 +424,8 @@ def estimate_memory(shape: Shape, w: Workload, device: Device) -> Memory:
         parts["weights"] = (lin * w.quant_bits / 8 + other * other_bytes) / shard
         notes["weights"] = (f"{lin / 1e9:.2f}B Linear params at {w.quant_bits:.2f} bits, embeddings/head/norms "
                             f"{other / 1e9:.2f}B at {other_bytes * 8} bits"
-                            + (" (peft's prepare_model_for_kbit_training casts them to fp32)" if other_bytes == 4 else ""))
+                            + (" (peft's prepare_model_for_kbit_training casts them to fp32)"
+                               if other_bytes == 4 else ""))
     else:
         parts["weights"] = (lin + other) * b / shard
         notes["weights"] = f"{(lin + other) / 1e9:.2f}B params at {b * 8} bits"
@@ -554,7 +556,8 @@ def estimate_time(shape: Shape, w: Workload, device: Device) -> Timing:
         sat = w.tokens_per_pass / (w.tokens_per_pass + SATURATION_TOKENS)
         eff = tuple(e * sat for e in GPU_EFFICIENCY[w.method])
     flops = flops_per_step(shape, w)
-    fixed = 0.0 if cpu else GPU_LAYER_PASS_S * shape.layers * w.passes_per_step * (1.5 if w.gradient_checkpointing else 1)
+    fixed = (0.0 if cpu
+             else GPU_LAYER_PASS_S * shape.layers * w.passes_per_step * (1.5 if w.gradient_checkpointing else 1))
     per_step = tuple(fixed + flops / (peak * 1e12 * e) for e in reversed(eff))  # fast uses the high efficiency
     total = None
     if w.steps:
@@ -605,7 +608,8 @@ def read_data(cfg, config_dir: Path | None) -> tuple[DataProfile | None, str]:
     try:
         train, evals, _, _ = prepare(cfg.data, tok, base=config_dir)
     except Exception as e:
-        return None, f"data not readable offline ({type(e).__name__}: {str(e).splitlines()[0][:120]}); every row assumed max_seq_length"
+        return None, (f"data not readable offline ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                      f"every row assumed max_seq_length")
     finally:
         if prev is None:
             os.environ.pop("HF_DATASETS_OFFLINE", None)
@@ -704,7 +708,8 @@ def workload_from_config(cfg, prof: DataProfile | None, device: Device, n_gpus: 
         quant_bits=NF4_BITS[q.double_quant] if q.load_in_4bit else None,
         lora_r=lo.r, lora_targets=tuple(lo.target_modules), dora=lo.use_dora, lora_dropout=lo.dropout,
         optim=t.optim, gradient_checkpointing=t.gradient_checkpointing, chunked_loss=t.chunked_loss,
-        loss_chunk=t.loss_chunk_size, bf16_requested=(cfg.model.dtype == "bfloat16" or q.load_in_4bit and q.compute_dtype == "bfloat16"),
+        loss_chunk=t.loss_chunk_size,
+        bf16_requested=(cfg.model.dtype == "bfloat16" or q.load_in_4bit and q.compute_dtype == "bfloat16"),
         tokens_per_pass=int(st["tokens_per_pass"]),
         trained_per_pass=st["trained_per_pass"], tokens_per_step=st["tokens_per_step"],
         trained_per_step=st["trained_per_step"], attn_sq_per_step=st["attn_sq"], passes_per_step=st["passes"],
@@ -816,7 +821,8 @@ def _range(r) -> str:
 
 def plan(cfg, config_dir: Path | None, devices: list[Device], n_gpus: int = 1, read: bool = True) -> dict:
     shape, shape_src = find_shape(cfg.model.name, cfg.model.revision)
-    prof, why = read_data(cfg, config_dir) if read else (None, "data not read (--no-data); every row assumed max_seq_length")
+    prof, why = (read_data(cfg, config_dir) if read
+                 else (None, "data not read (--no-data); every row assumed max_seq_length"))
     method = {"full": "full fine-tune", "lora": "LoRA", "qlora": "QLoRA (4-bit base)"}
     result = {"model": cfg.model.name, "shape_source": shape_src,
               "shape": dataclasses.asdict(shape), "params": shape.total_params,
@@ -857,7 +863,8 @@ def render(result: dict) -> None:
     mem.add_column(style="dim")
     for k, v in d0["parts_gib"].items():
         mem.add_row(k, f"{v:.2f}", d0["notes"].get(k, ""))
-    mem.add_row("peak", f"[bold]{d0['memory_gib']:.2f}[/bold]", "training peak + framework (eval/generation peak if larger)")
+    mem.add_row("peak", f"[bold]{d0['memory_gib']:.2f}[/bold]",
+                "training peak + framework (eval/generation peak if larger)")
     con.print(mem)
     tab = Table(title="verdict", title_justify="left")
     for c in ("device", "need / has GiB", "verdict", "s/step: likely (range)", "total: likely (range)",
@@ -872,7 +879,8 @@ def render(result: dict) -> None:
             tips.append(f"{e['device']}: " + " ".join(s if s.startswith("--") else f"--set {s}" for s in adv["set"]))
         name = e["device"] + (f" x{e['n_gpus']}" if e["n_gpus"] > 1 else "")
         tab.add_row(name, f"{e['memory_gib']:.1f} / {e['device_gib']:.0f}", f"[{color[e['verdict']]}]{e['verdict']}[/]",
-                    _range(e["s_per_step"]), _range(e["total_s"]) if e["total_s"] else "? (epochs: needs the data)", tip)
+                    _range(e["s_per_step"]), _range(e["total_s"]) if e["total_s"] else "? (epochs: needs the data)",
+                    tip)
     con.print(tab)
     for t in tips:
         con.print(f"  {t}", soft_wrap=True)
@@ -1079,7 +1087,8 @@ def point_from_gpu_qlora(result: dict, arm: str, device: str, date: str) -> dict
             "workload": dict(method="qlora", compute_bytes=2, quant_bits=NF4_BITS[True], lora_r=16,
                              lora_targets=_LLAMA_ALL, optim="adamw_8bit", gradient_checkpointing=True,
                              chunked_loss=packed, tokens_per_pass=min(4096, batch * seq) if packed else batch * seq,
-                             tokens_per_step=float(r["tokens_per_step"] if isinstance(r.get("tokens_per_step"), (int, float))
+                             tokens_per_step=float(r["tokens_per_step"]
+                                                   if isinstance(r.get("tokens_per_step"), (int, float))
                                                    else step_tokens),
                              attn_sq_per_step=batch * accum * mean_len ** 2, passes_per_step=1 if packed else accum,
                              steps=None),
@@ -1127,7 +1136,8 @@ def check_measured(point: dict, repo: Path) -> dict:
     at_load = None
     if rate:  # the same model at the matmul rate measured around the run (the machine's share at the time)
         g = sum(rate) / len(rate) / 1000
-        at_load = estimate_time(shape, w, dataclasses.replace(dev, tflops32=g, tflops16=g * CPU_GFLOPS_BF16 / CPU_GFLOPS_FP32))
+        at_load = estimate_time(shape, w,
+                                dataclasses.replace(dev, tflops32=g, tflops16=g * CPU_GFLOPS_BF16 / CPU_GFLOPS_FP32))
     return {"id": point["id"], "memory_est_gib": round(mem.total / GIB, 3), "memory_gib": point["peak_rss_gib"],
             "memory_ratio": round(mem.total / GIB / point["peak_rss_gib"], 3),
             "s_per_step_est": [round(x, 2) for x in tm.s_per_step], "s_per_step": point["s_per_step"],

@@ -395,7 +395,8 @@ def make_handler(server: Server):
             obj = "chat.completion.chunk" if chat else "text_completion"
 
             def send(choice):
-                chunk = {"id": cid, "object": obj, "created": int(time.time()), "model": server.name, "choices": [choice]}
+                chunk = {"id": cid, "object": obj, "created": int(time.time()), "model": server.name,
+                         "choices": [choice]}
                 self.wfile.write(f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode())
                 self.wfile.flush()
 
@@ -454,7 +455,8 @@ def vllm_command(args, spec: str, api_key: str | None, template_dir) -> list[str
         base = resolve_model(rc.model.name, rc.model.revision)
         rank = json.loads((weights / "adapter_config.json").read_text()).get("r", 16)
         cmd += ["--model", str(base), "--served-model-name", f"{name}-base", "--enable-lora",
-                "--lora-modules", f"{name}={weights}", "--max-lora-rank", str(max(8, 1 << (int(rank) - 1).bit_length()))]
+                "--lora-modules", f"{name}={weights}",
+                "--max-lora-rank", str(max(8, 1 << (int(rank) - 1).bit_length()))]
         tok_folder = weights if (weights / "tokenizer_config.json").is_file() else base
         cmd += ["--tokenizer", str(tok_folder)]
     else:

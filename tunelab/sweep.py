@@ -27,7 +27,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-
 from .config import ConfigError, load_config
 from .fsutil import atomic_write_text
 from .ui import console, show
@@ -178,7 +177,8 @@ def cmd_sweep(args) -> int:
         except ConfigError as e:
             problems.append(f"{', '.join(f'{k}={v}' for k, v in combo.items())}: {e}")
     if problems:
-        raise ConfigError(f"{len(problems)} of {len(combos)} trials are invalid, nothing was run: " + " | ".join(problems))
+        raise ConfigError(f"{len(problems)} of {len(combos)} trials are invalid, nothing was run: "
+                          + " | ".join(problems))
     out = Path(args.output) if args.output else Path("runs") / f"{Path(args.config).stem}-sweep"
     out.mkdir(parents=True, exist_ok=True)
     trials = [{"name": trial_name(i, c), "params": c} for i, c in enumerate(combos)]
@@ -210,7 +210,8 @@ def cmd_sweep(args) -> int:
         with (out / f"{t['name']}.log").open("w") as log:
             rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
         if rc != 0 or not summary.is_file():
-            last = [l for l in (out / f"{t['name']}.log").read_text(errors="replace").splitlines() if l.strip()]
+            log_lines = (out / f"{t['name']}.log").read_text(errors="replace").splitlines()
+            last = [line for line in log_lines if line.strip()]
             reason = last[-1] if last else f"exit code {rc}"
             console.print(f"[red]{t['name']} failed[/red]: {reason}")
             return {**t, "status": "failed", "reason": reason}
@@ -303,7 +304,8 @@ def finish(out: Path, results: list[dict], keys: list[str], metric: str) -> None
     for r in results:
         curve = _curve(out / r["name"])
         if curve:
-            ax.plot(*zip(*curve), "o-", ms=3, label=", ".join(f"{k.split('.')[-1]}={v}" for k, v in r["params"].items()))
+            ax.plot(*zip(*curve), "o-", ms=3,
+                    label=", ".join(f"{k.split('.')[-1]}={v}" for k, v in r["params"].items()))
             plotted += 1
     if plotted:
         ax.set_xlabel("optimizer step")

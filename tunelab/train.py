@@ -29,10 +29,18 @@ from .data.pipeline import Collator, DataStats, TokenizedDataset, prepare
 from .data.preflight import PreflightError, check_examples
 from .fsutil import atomic_write_text, commit_dir, is_disk_full, remove_tree
 from .loss import chunked_causal_lm_loss
-from .models import (context_window, dtype_warning, load_model, load_tokenizer, pick_device, pick_dtype,
-                     pick_precision, resolve_model, write_base_fingerprint)
-from .rundir import (CONFIG, FINAL, STAGING, SUMMARY, checkpoints, newest_checkpoint, resume_checkpoint,
-                     saved_step)
+from .models import (
+    context_window,
+    dtype_warning,
+    load_model,
+    load_tokenizer,
+    pick_device,
+    pick_dtype,
+    pick_precision,
+    resolve_model,
+    write_base_fingerprint,
+)
+from .rundir import CONFIG, FINAL, STAGING, SUMMARY, checkpoints, newest_checkpoint, resume_checkpoint, saved_step
 from .ui import RichProgress, console, warn
 
 log = logging.getLogger("tunelab")
@@ -126,7 +134,8 @@ def training_arguments(cfg: RunConfig, out: Path, device: str, dtype: torch.dtyp
         output_dir=str(out / STAGING),  # checkpoints are committed to `out` by callbacks.CommitCheckpoints
         # data.packing: one packed batch per optimizer step, the same examples and the same
         # trained-token normalisation as batch x accumulation (see tunelab/data/packing.py)
-        per_device_train_batch_size=t.per_device_train_batch_size * (t.gradient_accumulation_steps if cfg.data.packing else 1),
+        per_device_train_batch_size=(t.per_device_train_batch_size
+                                     * (t.gradient_accumulation_steps if cfg.data.packing else 1)),
         per_device_eval_batch_size=t.per_device_eval_batch_size,
         gradient_accumulation_steps=1 if cfg.data.packing else t.gradient_accumulation_steps,
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
@@ -158,7 +167,8 @@ def training_arguments(cfg: RunConfig, out: Path, device: str, dtype: torch.dtyp
         report_to=list(t.report_to),
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=t.dataloader_num_workers,
-        # under a launcher: a rank waiting longer than this on the others ends the run (tunelab train --collective-timeout)
+        # under a launcher: a rank waiting longer than this on the others ends the run
+        # (tunelab train --collective-timeout)
         ddp_timeout=int(os.environ.get("TUNELAB_COLLECTIVE_TIMEOUT", "600")),
         remove_unused_columns=False,
         load_best_model_at_end=early,
@@ -262,7 +272,8 @@ def make_trainer(model, args, s: Setup, run_dir: Path | None = None, interactive
                                                s.cfg.eval.early_stopping_threshold))
     trainer = TunelabTrainer(model=model, args=args, train_dataset=TokenizedDataset(s.train),
                              eval_dataset=TokenizedDataset(s.evals) if s.evals else None,
-                             data_collator=PackedCollator() if s.cfg.data.packing else Collator(s.tokenizer.pad_token_id),
+                             data_collator=(PackedCollator() if s.cfg.data.packing
+                                            else Collator(s.tokenizer.pad_token_id)),
                              processing_class=s.tokenizer, callbacks=callbacks,
                              pack_max_tokens=s.cfg.data.pack_max_tokens, chunked_loss=s.cfg.train.chunked_loss,
                              loss_chunk_size=s.cfg.train.loss_chunk_size)
@@ -308,7 +319,8 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, config_dir: Path | N
     if dw:
         warn(dw)
     console.print(f"precision: {precision.name} ({precision.reason})")
-    method = ("QLoRA (4-bit base)" if cfg.quantization.load_in_4bit else "LoRA") if cfg.lora.enabled else "full fine-tune"
+    method = (("QLoRA (4-bit base)" if cfg.quantization.load_in_4bit else "LoRA") if cfg.lora.enabled
+              else "full fine-tune")
     console.print(f"[bold]tunelab[/bold] {method} of {cfg.model.name} on {s.device}, compute dtype "
                   f"{precision.name}; {s.stats.train_rows} train / {s.stats.eval_rows} eval rows")
     console.print(f"[dim]{_plan_call('memory_line', cfg, s) or 'plan: no estimate for this model'}[/dim]")
@@ -386,7 +398,8 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, config_dir: Path | N
             raise
         trainer.accelerator.wait_for_everyone()
         before = (f"{summary['first_eval_loss']} at step {summary['first_eval_step']} -> "
-                  if summary["first_eval_step"] is not None and summary["first_eval_step"] < summary["global_step"] else "")
+                  if summary["first_eval_step"] is not None and summary["first_eval_step"] < summary["global_step"]
+                  else "")
         console.print(f"[green]done[/green]: {summary['global_step']} steps, train loss {summary['train_loss']}, "
                       f"eval loss {before}{summary['eval_loss']}; model in {final}")
     if main:

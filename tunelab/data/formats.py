@@ -53,8 +53,8 @@ def _text(row: dict, column: str, required: bool, label: str) -> str:
 
 
 def to_example(row: dict[str, Any], fmt: str, fields: dict[str, str]) -> Example:
-    col = {name: fields.get(name, name) for name in ("instruction", "input", "output", "prompt", "completion", "messages",
-                                                     "conversations")}
+    col = {name: fields.get(name, name)
+           for name in ("instruction", "input", "output", "prompt", "completion", "messages", "conversations")}
     if fmt == "alpaca":
         ex = Example(instruction=_text(row, col["instruction"], True, "instruction"),
                      input=_text(row, col["input"], False, "input"),
@@ -112,7 +112,8 @@ def chat_messages(row: dict[str, Any], fmt: str = "chat", col: dict[str, str] | 
             for part in content:
                 if isinstance(part, str):
                     texts.append(part)
-                elif isinstance(part, dict) and part.get("type", "text") == "text" and isinstance(part.get("text"), str):
+                elif (isinstance(part, dict) and part.get("type", "text") == "text"
+                      and isinstance(part.get("text"), str)):
                     texts.append(part["text"])
                 else:
                     kind = part.get("type") if isinstance(part, dict) else type(part).__name__

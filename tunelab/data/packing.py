@@ -27,6 +27,7 @@ import contextlib
 import torch
 
 from .pipeline import IGNORE_INDEX
+
 ATTN_NAME = "tunelab_varlen"
 _NATIVE_VARLEN = {"flash_attention_2", "flash_attention_3", "kernels-community/flash-attn", ATTN_NAME}
 

@@ -314,7 +314,8 @@ def load_unpaired(cfg: DataConfig, tokenizer, base: Path | None = None):
                 p = to_pair(row, cfg, where)
                 for text, good in ((p.chosen, True), (p.rejected, False)):
                     if text.strip():
-                        out.append((where, Example(p.prompt.instruction, p.prompt.input, text, p.prompt.messages), good))
+                        out.append((where, Example(p.prompt.instruction, p.prompt.input, text, p.prompt.messages),
+                                    good))
                 continue
             if lab not in row:
                 have = sorted(k for k in row if k != "__line__")

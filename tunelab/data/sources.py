@@ -191,7 +191,8 @@ def read_rows(spec: str, split: str = "train", base: Path | None = None) -> list
         try:
             ds = datasets.load_from_disk(str(path))
         except Exception as e:
-            raise DataError(f"{path}: not a folder saved with datasets' save_to_disk ({str(e).splitlines()[0][:160]})") from None
+            raise DataError(f"{path}: not a folder saved with datasets' save_to_disk "
+                            f"({str(e).splitlines()[0][:160]})") from None
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
                 raise DataError(f"{path}: no split '{split}' (has: {', '.join(ds)})")
@@ -217,7 +218,8 @@ def _read_hub(repo_id: str, split: str) -> list[dict]:
     except Exception as e:
         if not online:
             raise DataError(f"data.path: '{repo_id}' is not a local file, not in the local datasets cache, and the "
-                            f"hub is unreachable (offline); download it elsewhere and point data.path at the file") from None
+                            f"hub is unreachable (offline); download it elsewhere and point data.path at the file"
+                            ) from None
         raise DataError(f"data.path: can't load hub dataset '{repo_id}' ({str(e).splitlines()[0][:160]})") from None
     return [dict(r, __line__=i + 1) for i, r in enumerate(ds)]
 

@@ -57,7 +57,8 @@ class Dataset:
 def add_input_args(p, multiple: bool = False) -> None:
     """FILE plus the run's way of reading it: --config run.yaml (its data.format/fields/split) or flags."""
     if multiple:
-        p.add_argument("inputs", nargs="+", metavar="FILE", help="data file(s): .jsonl/.json/.csv/.parquet or a saved datasets folder")
+        p.add_argument("inputs", nargs="+", metavar="FILE",
+                       help="data file(s): .jsonl/.json/.csv/.parquet or a saved datasets folder")
     else:
         p.add_argument("input", metavar="FILE", help="data file: .jsonl/.json/.csv/.parquet or a saved datasets folder")
     p.add_argument("--config", help="run YAML: read the file with its data.format, data.fields and data.split")
@@ -151,7 +152,8 @@ def normalize(text: str) -> str:
 
 # A "word" is a run of letters/digits, except that each Han/Kana character is a word of its own
 # (Chinese and Japanese put no spaces between words; per-character grams are the usual stand-in).
-_WORD = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]|[^\W_\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+",
+_WORD = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]"
+                   r"|[^\W_\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+",
                    re.UNICODE)
 
 

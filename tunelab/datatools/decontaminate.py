@@ -21,8 +21,20 @@ from pathlib import Path
 
 from ..config import ConfigError
 from ..data.sources import READERS
-from .common import (Provenance, add_input_args, add_output_args, check_inputs_not_outputs, example_text,
-                     guard_outputs, load_from_args, progress, sidecar, words, write_json, write_rows_with_provenance)
+from .common import (
+    Provenance,
+    add_input_args,
+    add_output_args,
+    check_inputs_not_outputs,
+    example_text,
+    guard_outputs,
+    load_from_args,
+    progress,
+    sidecar,
+    words,
+    write_json,
+    write_rows_with_provenance,
+)
 
 BOILERPLATE_ITEMS = 10
 GROUPS = {
@@ -247,7 +259,6 @@ def overlap_warning(cfg, base: Path | None) -> str | None:
     if not tasks:
         return None
     from .common import load_dataset
-
     from .mix import source_config
 
     items, _ = load_bench_items(tasks)

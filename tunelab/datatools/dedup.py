@@ -15,9 +15,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import ConfigError
-from .common import (Provenance, add_input_args, add_output_args, check_inputs_not_outputs, example_text,
-                     fraction, guard_outputs, load_from_args, normalize, progress, sidecar, words, write_json,
-                     write_rows_with_provenance)
+from .common import (
+    Provenance,
+    add_input_args,
+    add_output_args,
+    check_inputs_not_outputs,
+    example_text,
+    fraction,
+    guard_outputs,
+    load_from_args,
+    normalize,
+    progress,
+    sidecar,
+    words,
+    write_json,
+    write_rows_with_provenance,
+)
 
 DEFAULTS = {"threshold": 0.5, "unit": "word", "ngram": 3, "num_perm": 128}
 
@@ -169,6 +182,7 @@ def cmd_dedup(args) -> int:
     write_json(report_path, {"input": args.input, "clusters": clusters})
     write_rows_with_provenance(out, [ds.rows[i].raw for i in res.keep], prov)
     console.print(f"dedup {args.input}: {len(ds.rows)} rows, {res.exact} exact and {res.near} near duplicates in "
-                  f"{len(res.clusters)} clusters; kept {len(res.keep)} -> {out} ({len(texts) / max(seconds, 1e-9):,.0f} "
+                  f"{len(res.clusters)} clusters; kept {len(res.keep)} -> {out} "
+                  f"({len(texts) / max(seconds, 1e-9):,.0f} "
                   f"rows/s)\n  clusters: {report_path}\n  provenance: {sidecar(out, 'provenance')}")
     return 0

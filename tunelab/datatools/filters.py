@@ -12,9 +12,19 @@ from pathlib import Path
 
 from ..config import ConfigError
 from ..data.templates import Example
-from .common import (SCRIPT_NAMES, Provenance, add_input_args, add_output_args, check_inputs_not_outputs,
-                     example_text, guard_outputs, load_from_args, main_script, normalize,
-                     write_rows_with_provenance)
+from .common import (
+    SCRIPT_NAMES,
+    Provenance,
+    add_input_args,
+    add_output_args,
+    check_inputs_not_outputs,
+    example_text,
+    guard_outputs,
+    load_from_args,
+    main_script,
+    normalize,
+    write_rows_with_provenance,
+)
 
 
 @dataclass
@@ -68,7 +78,8 @@ class RowFilter:
             if s not in self.scripts:
                 return f"script {s} not in {','.join(self.scripts)} ({self.name('scripts')})"
         if self.drop_repeats and repeats_instruction(ex):
-            return f"response repeats the instruction ({self.name('drop_repeats' if self.prefix == '--' else 'drop_response_repeats_instruction')})"
+            name = self.name("drop_repeats" if self.prefix == "--" else "drop_response_repeats_instruction")
+            return f"response repeats the instruction ({name})"
         if self.refusal_phrases:
             resp = f" {normalize(ex.response)} "
             for p in self.refusal_phrases:
@@ -139,7 +150,8 @@ def add_parser(sub) -> None:
     p.add_argument("--script", default="", help=f"keep rows whose main script is one of these, comma-separated "
                                                 f"({', '.join(SCRIPT_NAMES)})")
     p.add_argument("--drop-repeats", action="store_true", help="drop rows whose response repeats the instruction")
-    p.add_argument("--refusals", metavar="FILE", help="drop rows whose response holds a phrase of this file (one a line)")
+    p.add_argument("--refusals", metavar="FILE",
+                   help="drop rows whose response holds a phrase of this file (one a line)")
     p.add_argument("--only-empty-input", action="store_true", help="keep only rows with an empty input")
 
 

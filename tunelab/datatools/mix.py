@@ -36,13 +36,15 @@ def validate_sources(sources: list) -> str | None:
             return f"data.sources item {n} must be a mapping with a path"
         unknown = set(s) - SOURCE_KEYS
         if unknown:
-            return f"data.sources item {n}: unknown key '{sorted(unknown)[0]}' (known: {', '.join(sorted(SOURCE_KEYS))})"
+            return (f"data.sources item {n}: unknown key '{sorted(unknown)[0]}' "
+                    f"(known: {', '.join(sorted(SOURCE_KEYS))})")
         if not isinstance(s.get("path"), str) or not s["path"]:
             return f"data.sources item {n}: path is required"
         if "format" in s and s["format"] not in CHOICES["data.format"]:
             return f"data.sources item {n}: format must be one of {', '.join(CHOICES['data.format'])}"
         fields = s.get("fields", {})
-        if not isinstance(fields, dict) or any(k not in DATA_FIELDS or not isinstance(v, str) for k, v in fields.items()):
+        if not isinstance(fields, dict) or any(k not in DATA_FIELDS or not isinstance(v, str)
+                                               for k, v in fields.items()):
             return f"data.sources item {n}: fields must map {', '.join(DATA_FIELDS)} to column names"
         if ("weight" in s) == ("rows" in s):
             return f"data.sources item {n}: give either weight or rows"
@@ -141,13 +143,16 @@ def cmd_mix(args) -> int:
     rows = []
     for _, ex in pairs:  # one canonical format for the mixed file: alpaca, or chat if any source is chat
         if chat:
-            msgs = list(ex.messages or [{"role": "user", "content": ex.instruction + (f"\n\n{ex.input}" if ex.input else "")}])
+            msgs = list(ex.messages
+                        or [{"role": "user", "content": ex.instruction + (f"\n\n{ex.input}" if ex.input else "")}])
             rows.append({"messages": msgs + [{"role": "assistant", "content": ex.response}]})
         else:
             rows.append({"instruction": ex.instruction, "input": ex.input, "output": ex.response})
-    prov = Provenance("mix", [s["path"] if Path(s["path"]).exists() else str(Path(args.config).resolve().parent / s["path"])
+    prov = Provenance("mix", [s["path"] if Path(s["path"]).exists()
+                              else str(Path(args.config).resolve().parent / s["path"])
                               for s in cfg.data.sources] + [args.config], rows_in=stats.rows_read,
-                      settings={"sources": cfg.data.sources, "seed": cfg.data.seed, "format": "chat" if chat else "alpaca"})
+                      settings={"sources": cfg.data.sources, "seed": cfg.data.seed,
+                                "format": "chat" if chat else "alpaca"})
     for reason, n in stats.dropped.items():
         prov.drop(reason, n)
     prov.extra["mix"] = stats.mix

@@ -11,8 +11,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..data.pipeline import percentiles
-from .common import (add_input_args, example_text, guard_outputs, load_from_args, main_script, progress,
-                     reading_options, write_json)
+from .common import (
+    add_input_args,
+    example_text,
+    guard_outputs,
+    load_from_args,
+    main_script,
+    progress,
+    reading_options,
+    write_json,
+)
 from .dedup import DEFAULTS, check_settings, find_duplicates
 
 
@@ -27,7 +35,8 @@ def add_parser(sub) -> None:
 
 
 def _empty(value) -> bool:
-    return value is None or (isinstance(value, str) and not value.strip()) or (isinstance(value, (list, dict)) and not value)
+    return (value is None or (isinstance(value, str) and not value.strip())
+            or (isinstance(value, (list, dict)) and not value))
 
 
 def compute_stats(ds, tokenizer=None, template: str = "alpaca", system_prompt: str | None = None,
@@ -146,14 +155,16 @@ def cmd_stats(args) -> int:
     t.add_row("rows", f"{st['rows']} read, {st['usable_rows']} usable by train (format {ds.format})")
     for reason, n in st["dropped_by_train"].items():
         t.add_row("  dropped", f"{n}: {reason}")
-    t.add_row("fields", ", ".join(f"{k} (empty {v['empty']}" + (f", missing {v['missing']}" if v["missing"] else "") + ")"
+    t.add_row("fields", ", ".join(f"{k} (empty {v['empty']}"
+                                  + (f", missing {v['missing']}" if v["missing"] else "") + ")"
                                   for k, v in st["fields"].items()))
     total = max(1, st["usable_rows"])
     t.add_row("scripts", ", ".join(f"{k} {v} ({100 * v / total:.1f}%)" for k, v in st["scripts"].items()))
     t.add_row("lengths", ", ".join(f"{k} {v}" for k, v in st["lengths"].items()) + f" {st['length_unit']}"
               + ("" if tok is not None else " (give --config run.yaml for tokens)"))
     d = st["duplicates"]
-    t.add_row("duplicates", f"{d['exact']} exact, {d['near']} near (Jaccard >= {d['threshold']:g}) in {d['clusters']} clusters")
+    t.add_row("duplicates", f"{d['exact']} exact, {d['near']} near (Jaccard >= {d['threshold']:g}) "
+                            f"in {d['clusters']} clusters")
     for label in ("longest", "shortest"):
         for e in st[label][: args.show]:
             t.add_row(f"  {label}", f"{e['length']} {st['length_unit']} {e['where']}: {e['text'][:100]!r}")

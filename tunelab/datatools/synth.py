@@ -31,9 +31,17 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from ..config import ConfigError
-from .common import (Provenance, add_input_args, fraction, guard_outputs, load_from_args, progress,
-                     sidecar, write_rows_with_provenance)
 from ..data.templates import Example
+from .common import (
+    Provenance,
+    add_input_args,
+    fraction,
+    guard_outputs,
+    load_from_args,
+    progress,
+    sidecar,
+    write_rows_with_provenance,
+)
 from .dedup import NearDupIndex
 from .filters import repeats_instruction
 
@@ -114,7 +122,8 @@ class LocalTeacher:
                            temperature=temperature if temperature > 0 else None, seed=seed,
                            stop=["\n"] if api == "completions" else [])
         with self.lock:
-            return generate_batch(self.loaded, [prompt], params, template="plain" if api == "completions" else None)[0].text
+            return generate_batch(self.loaded, [prompt], params,
+                                  template="plain" if api == "completions" else None)[0].text
 
 
 def _error_message(e: urllib.error.HTTPError) -> str:
@@ -156,7 +165,8 @@ def parse_answer(text: str, api: str) -> tuple[dict | None, str | None]:
         obj, _ = json.JSONDecoder().raw_decode(text[start:])
     except json.JSONDecodeError:
         return None, "invalid JSON"
-    if not isinstance(obj, dict) or not isinstance(obj.get("instruction"), str) or not isinstance(obj.get("output"), str):
+    if (not isinstance(obj, dict) or not isinstance(obj.get("instruction"), str)
+            or not isinstance(obj.get("output"), str)):
         return None, "JSON without text instruction and output"
     inp = obj.get("input", "")
     if not isinstance(inp, str):
@@ -203,7 +213,8 @@ def add_parser(sub) -> None:
     p.add_argument("--out", "-o", required=True, help="output .jsonl (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace --out; rerun with it to resume from the cache")
     p.add_argument("--teacher", required=True,
-                   help="an OpenAI-compatible base URL (http://127.0.0.1:8000/v1) or local:MODEL (smollm2-135m, a run folder)")
+                   help="an OpenAI-compatible base URL (http://127.0.0.1:8000/v1) "
+                        "or local:MODEL (smollm2-135m, a run folder)")
     p.add_argument("--model", help="model name sent to the endpoint (default: none, the server's own)")
     p.add_argument("--api-key-env", help="environment variable holding the endpoint's API key (never stored)")
     p.add_argument("--api", choices=["chat", "completions"], default="chat",
@@ -241,8 +252,8 @@ def _teacher(args):
 
 def _validate(args) -> None:
     for flag, v, lo in (("--num-rows", args.num_rows, 1), ("--concurrency", args.concurrency, 1),
-                        ("--retries", args.retries, 0), ("--demos", args.demos, 1), ("--max-tokens", args.max_tokens, 1),
-                        ("--min-response-chars", args.min_response_chars, 0)):
+                        ("--retries", args.retries, 0), ("--demos", args.demos, 1),
+                        ("--max-tokens", args.max_tokens, 1), ("--min-response-chars", args.min_response_chars, 0)):
         if v < lo:
             raise ConfigError(f"{flag} must be >= {lo}, got {v}")
     if args.max_requests is not None and args.max_requests < 1:

@@ -53,7 +53,7 @@ def read_ratings(log: Path) -> dict[int, dict]:
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):
             if i < len(lines) - 1:
                 raise CompareError(f"{log}:{n}: malformed rating line; fix or delete it to continue") from None
-            atomic_write_text(log, "".join(l + "\n" for _, l in lines[:-1]))  # drop the torn last line
+            atomic_write_text(log, "".join(line + "\n" for _, line in lines[:-1]))  # drop the torn last line
     return done
 
 

@@ -124,14 +124,16 @@ def score_task(loaded, task, items, cache: Cache | None, batch_size: int, progre
         lm = task.lm_eval or {}
         params = GenParams(max_new_tokens=task.max_new_tokens, stop=list(task.stop), **lm.get("sampling", {}))
         outs = generate(loaded, [it.context for it in items], params, batch_size=batch_size, cache=cache,
-                        template=None if task.template == "model" else "plain", on_result=lambda i, c: progress.advance(bar))
+                        template=None if task.template == "model" else "plain",
+                        on_result=lambda i, c: progress.advance(bar))
         if task.lm_eval is None:
             per["exact_match"] = [scoring.exact_match(o.text, it.target, task.regex) for o, it in zip(outs, items)]
         else:  # lm-eval task file: each filter pipeline, then HF evaluate's exact_match with the task's options
             from .lmeval import apply_filter, exact_match
 
             per["by_filter"] = {name: [exact_match(apply_filter(o.text, steps), it.target, **lm["em"])
-                                       for o, it in zip(outs, items)] for name, steps in lm["filters"] or [("none", [])]}
+                                       for o, it in zip(outs, items)]
+                               for name, steps in lm["filters"] or [("none", [])]}
             per["exact_match"] = next(iter(per["by_filter"].values()))
         per["outputs"] = [o.text for o in outs]
     elif task.kind == "loglikelihood":

@@ -34,7 +34,8 @@ SYSTEM_PAIR = (
     "of the answers and their length must not influence you. Explain briefly, then give your verdict strictly as "
     "\"[[A]]\" if assistant A is better, \"[[B]]\" if assistant B is better, or \"[[C]]\" for a tie."
 )
-USER_PAIR = ("[User Question]\n{question}\n\n[The Start of Assistant A's Answer]\n{a}\n[The End of Assistant A's Answer]"
+USER_PAIR = ("[User Question]\n{question}\n\n"
+             "[The Start of Assistant A's Answer]\n{a}\n[The End of Assistant A's Answer]"
              "\n\n[The Start of Assistant B's Answer]\n{b}\n[The End of Assistant B's Answer]")
 SYSTEM_SINGLE = (
     "You are an impartial judge. Rate the quality of the AI assistant's answer to the user's question below. "
@@ -71,10 +72,12 @@ class HttpJudge:
             with urllib.request.urlopen(req, timeout=self.timeout) as r:
                 raw = r.read()
         except urllib.error.HTTPError as e:
-            raise JudgeError(f"judge endpoint {self.url} answered HTTP {e.code}; judgements so far are cached") from None
+            raise JudgeError(f"judge endpoint {self.url} answered HTTP {e.code}; "
+                             f"judgements so far are cached") from None
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
-            raise JudgeError(f"judge endpoint {self.url} unreachable ({reason}); judgements so far are cached") from None
+            raise JudgeError(f"judge endpoint {self.url} unreachable ({reason}); "
+                             f"judgements so far are cached") from None
         try:
             return json.loads(raw)["choices"][0]["message"]["content"]
         except (json.JSONDecodeError, KeyError, IndexError, TypeError):
@@ -152,8 +155,10 @@ def length_controlled(outcomes, len_diff, n_boot: int = 500, seed: int = 0) -> d
 def judge_pairwise(judge, rows, cache, retries: int, progress=None) -> dict:
     items = []
     for r in rows:
-        v1, raw1 = ask(judge, cache, SYSTEM_PAIR, USER_PAIR.format(question=r["prompt"], a=r["a"], b=r["b"]), PAIR_RE, retries)
-        v2, raw2 = ask(judge, cache, SYSTEM_PAIR, USER_PAIR.format(question=r["prompt"], a=r["b"], b=r["a"]), PAIR_RE, retries)
+        v1, raw1 = ask(judge, cache, SYSTEM_PAIR, USER_PAIR.format(question=r["prompt"], a=r["a"], b=r["b"]),
+                       PAIR_RE, retries)
+        v2, raw2 = ask(judge, cache, SYSTEM_PAIR, USER_PAIR.format(question=r["prompt"], a=r["b"], b=r["a"]),
+                       PAIR_RE, retries)
         consistent = False
         if v1 is None or v2 is None:
             winner = "error"
@@ -228,9 +233,11 @@ def cmd_judge(args) -> int:
     atomic_write_text(folder / f"judge_{args.mode}.json", json.dumps(result, indent=1, ensure_ascii=False))
     if args.mode == "pairwise" and "b_win_rate" in result:
         wr, lc = result["b_win_rate"], result["lc_win_rate"]
-        console.print(f"B = {meta.get('b')} vs A = {meta.get('a')}: B wins {result['b_wins']}, A wins {result['a_wins']}, "
+        console.print(f"B = {meta.get('b')} vs A = {meta.get('a')}: "
+                      f"B wins {result['b_wins']}, A wins {result['a_wins']}, "
                       f"ties {result['ties']} (incl. order flips), errors {result['errors']}\n"
-                      f"B's win rate {100 * wr[0]:.1f}% (95% CI {100 * wr[1]:.1f}-{100 * wr[2]:.1f}); length-controlled "
+                      f"B's win rate {100 * wr[0]:.1f}% (95% CI {100 * wr[1]:.1f}-{100 * wr[2]:.1f}); "
+                      f"length-controlled "
                       f"{100 * lc[0]:.1f}% ({100 * lc[1]:.1f}-{100 * lc[2]:.1f}); length explains "
                       f"{100 * (wr[0] - lc[0]):+.1f} points")
     elif "score_a" in result:

@@ -264,7 +264,8 @@ def _filters(spec, at) -> list[tuple[str, list[dict]]]:
 
 def _metrics(spec, kind: str, at, opts: dict) -> list[str]:
     if spec is None:
-        return {"multiple_choice": ["acc", "acc_norm"], "generate": ["exact_match"], "loglikelihood": ["perplexity", "acc"],
+        return {"multiple_choice": ["acc", "acc_norm"], "generate": ["exact_match"],
+                "loglikelihood": ["perplexity", "acc"],
                 "perplexity": ["word_perplexity", "byte_perplexity", "bits_per_byte"]}[kind]
     out = []
     for m in spec:

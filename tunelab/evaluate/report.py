@@ -54,7 +54,8 @@ class Section:
         _plt().close(fig)
         data = buf.getvalue()
         self.images.append((name, data))
-        self.html.append(f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">')
+        self.html.append(f'<img alt="{html.escape(alt)}" '
+                         f'src="data:image/png;base64,{base64.b64encode(data).decode()}">')
         self.md.append(f"![{alt}]({name})")
 
     def table(self, header: list[str], rows: list[list[str]]) -> None:
@@ -62,7 +63,9 @@ class Section:
         b = "".join("<tr>" + "".join(f"<td>{html.escape(str(c)).replace(chr(10), '<br>')}</td>" for c in r) + "</tr>"
                     for r in rows)
         self.html.append(f"<table><thead><tr>{h}</tr></thead><tbody>{b}</tbody></table>")
-        esc = lambda c: str(c).replace("|", "\\|").replace("\n", "<br>")
+        def esc(c) -> str:
+            return str(c).replace("|", "\\|").replace("\n", "<br>")
+
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         self.md.append("\n".join(lines + ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]))
 

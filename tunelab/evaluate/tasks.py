@@ -156,7 +156,7 @@ def _mmlu_item(q: str, opts: list[str], gold: int, cloze: bool) -> Item:
     mmlu_continuation's ("Question: {{question.strip()}}\nAnswer:", the answer texts as choices)."""
     if cloze:
         return Item(f"Question: {q.strip()}\nAnswer:", list(opts), gold)
-    return Item(q.strip() + "".join(f"\n{l}. {o}" for l, o in zip(MMLU_LETTERS, opts)) + "\nAnswer:",
+    return Item(q.strip() + "".join(f"\n{letter}. {o}" for letter, o in zip(MMLU_LETTERS, opts)) + "\nAnswer:",
                 list(MMLU_LETTERS), gold)
 
 
@@ -299,7 +299,8 @@ def _check_template(value, where: str, key: str) -> None:
         raise TaskError(f"{where}: field '{key}': malformed template {value!r} ({e})") from None
     for _, name, spec, conv in parts:
         if name is not None and (not re.fullmatch(r"\w+", name) or spec or conv):
-            raise TaskError(f"{where}: field '{key}': '{{{name}{'!' + conv if conv else ''}{':' + spec if spec else ''}}}' "
+            raise TaskError(f"{where}: field '{key}': "
+                            f"'{{{name}{'!' + conv if conv else ''}{':' + spec if spec else ''}}}' "
                             f"is not a field name; this format takes {{field}} only (for expressions such as "
                             f".strip() write the task in lm-eval's format: doc_to_text is Jinja2)")
 

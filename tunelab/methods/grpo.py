@@ -91,7 +91,8 @@ def _guard(fn, name: str):
                 except Exception:
                     row = wheres[i]
                     break
-            raise RewardError(f"reward '{name}' raised {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''} "
+            raise RewardError(f"reward '{name}' raised {type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:160] if str(e) else ''} "
                               f"on row {row}") from None
         if len(got) != len(completions):
             raise RewardError(f"reward '{name}' returned {len(got)} values for {len(completions)} completions "
@@ -146,7 +147,8 @@ def _dataset(rows):
     for k, v in _columns(rows).items():
         if k != "prompt":
             # columns of mixed types can't be an Arrow column: keep them as text
-            data[k] = v if len({type(x) for x in v if x is not None}) <= 1 else [None if x is None else str(x) for x in v]
+            data[k] = (v if len({type(x) for x in v if x is not None}) <= 1
+                       else [None if x is None else str(x) for x in v])
     return datasets.Dataset.from_dict(data)
 
 

@@ -51,8 +51,8 @@ def make_preference_trainer(model, out: Path, s: MethodSetup, peft_config=None):
         rows = lambda xs: [{"prompt_ids": x.prompt_ids, "chosen_ids": x.chosen_ids,  # noqa: E731
                             "rejected_ids": x.rejected_ids} for x in xs]
         trainer = Trainer(model=model, args=args, train_dataset=_dataset(rows(s.train)),
-                          eval_dataset=_dataset(rows(s.evals)), processing_class=s.tokenizer, callbacks=callbacks(cfg, out),
-                          peft_config=peft_config)
+                          eval_dataset=_dataset(rows(s.evals)), processing_class=s.tokenizer,
+                          callbacks=callbacks(cfg, out), peft_config=peft_config)
     elif method == "kto":
         from trl import KTOConfig, KTOTrainer
 
@@ -69,8 +69,8 @@ def make_preference_trainer(model, out: Path, s: MethodSetup, peft_config=None):
         # rendered template text, the completion the response (TRL appends EOS).
         rows = lambda xs: [{"prompt": x.text[0], "completion": x.text[1], "label": x.label} for x in xs]  # noqa: E731
         trainer = Trainer(model=model, args=args, train_dataset=_dataset(rows(s.train)),
-                          eval_dataset=_dataset(rows(s.evals)), processing_class=s.tokenizer, callbacks=callbacks(cfg, out),
-                          peft_config=peft_config)
+                          eval_dataset=_dataset(rows(s.evals)), processing_class=s.tokenizer,
+                          callbacks=callbacks(cfg, out), peft_config=peft_config)
     else:  # orpo, simpo: reference-free, trl.experimental
         import os
 
@@ -98,8 +98,8 @@ def make_preference_trainer(model, out: Path, s: MethodSetup, peft_config=None):
         rows = lambda xs: [{"prompt": x.text[0], "chosen": x.text[1] + eos, "rejected": x.text[2] + eos}  # noqa: E731
                            for x in xs]
         trainer = Trainer(model=model, args=args, train_dataset=_dataset(rows(s.train)),
-                          eval_dataset=_dataset(rows(s.evals)), processing_class=s.tokenizer, callbacks=callbacks(cfg, out),
-                          peft_config=peft_config)
+                          eval_dataset=_dataset(rows(s.evals)), processing_class=s.tokenizer,
+                          callbacks=callbacks(cfg, out), peft_config=peft_config)
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     if method == "dpo":

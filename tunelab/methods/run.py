@@ -17,15 +17,22 @@ from pathlib import Path
 
 import torch
 
+from ..callbacks import CommitCheckpoints, FiniteGradients, NonFinite, OverfitWatch, StopOnSignal
 from ..config import ConfigError, RunConfig, save_config
 from ..fsutil import atomic_write_text, commit_dir, is_disk_full, remove_tree
-from ..models import (ModelError, check_adapter_base, context_window, dtype_warning, find_run, load_tokenizer,
-                      pick_device, pick_dtype, resolve_model)
-from ..callbacks import CommitCheckpoints, FiniteGradients, NonFinite, OverfitWatch, StopOnSignal
-from ..rundir import (CONFIG, FINAL, STAGING, SUMMARY, newest_checkpoint, resume_checkpoint, run_config,
-                      saved_step)
-from ..train import (Setup, TrainingError, build_model, make_summary, prepare_quantized, save_failed,
-                     training_arguments)
+from ..models import (
+    ModelError,
+    check_adapter_base,
+    context_window,
+    dtype_warning,
+    find_run,
+    load_tokenizer,
+    pick_device,
+    pick_dtype,
+    resolve_model,
+)
+from ..rundir import CONFIG, FINAL, STAGING, SUMMARY, newest_checkpoint, resume_checkpoint, run_config, saved_step
+from ..train import Setup, TrainingError, build_model, make_summary, prepare_quantized, save_failed, training_arguments
 from ..ui import console, warn
 
 LOGGED = ("rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected", "reward", "reward_std",
@@ -129,7 +136,8 @@ def check_method(cfg: RunConfig, config_path: str, warnings: list[str], examples
     s = setup_method(cfg, Path(config_path).resolve().parent)
     st = s.data_stats
     console.print(f"[bold]tunelab check[/bold] {config_path}: train.method={cfg.train.method}, model "
-                  f"{cfg.model.name} -> {s.start.base_folder}" + (f" + adapter {s.start.adapter}" if s.start.adapter else ""))
+                  f"{cfg.model.name} -> {s.start.base_folder}"
+                  + (f" + adapter {s.start.adapter}" if s.start.adapter else ""))
     console.print(f"rows: read {st['rows_read']}, train {st['train_rows']}, eval {st['eval_rows']}, dropped "
                   f"{sum(st['dropped'].values())}")
     if cfg.train.method in ("dpo", "orpo", "simpo", "reward"):
