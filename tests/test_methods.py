@@ -83,7 +83,7 @@ def test_gradient_checkpointing_reentrant_lora_matches_plain(tmp_path, tiny_conf
 def test_dtype_warning_only_where_the_cpu_emulates_it(monkeypatch):
     import torch
 
-    from tunelab import models
+    from tunelab import precision as models
 
     # cpu_has_native answers from the CPU's flags (a tautological isinstance check stood here before)
     monkeypatch.setattr(models, "cpu_info", lambda: ("AMD EPYC", frozenset({"avx2", "fma"})))

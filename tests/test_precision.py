@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from tunelab import models
+from tunelab import precision as models  # the device/dtype policy (re-exported by tunelab.models)
 from tunelab.cli import main
 
 NATIVE = ("Intel(R) Xeon(R) Platinum 8480+", frozenset({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}))
