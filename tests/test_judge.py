@@ -348,3 +348,101 @@ def test_position_consistency_rate(tmp_path):
     rows = [{"index": i, "prompt": f"q{i}", "a": "bad", "b": "good"} for i in range(8)]
     r = J.judge_pairwise(HalfBiased(), rows, J.Cache(tmp_path / "c.sqlite"), retries=0)
     assert r["consistency_rate"] == 0.5 and r["b_wins"] == 4 and r["ties"] == 4
+
+
+def small_compare(tmp_path, n=3):
+    d = tmp_path / "blindcmp"
+    d.mkdir()
+    rows = [{"index": i, "prompt": f"question {i}", "a": f"answer a{i}", "b": f"answer b{i}"} for i in range(n)]
+    (d / "compare.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "meta.json").write_text(json.dumps({"a": "model-A-name", "b": "model-B-name"}))
+    return d
+
+
+def run_blind(d, keys):
+    return subprocess.run([sys.executable, "-m", "tunelab", "blind", str(d)], input=keys, text=True,
+                          capture_output=True, timeout=180)
+
+
+def test_blind_skip_undo_and_count_left_via_pipe(tmp_path):
+    d = small_compare(tmp_path)
+    log = d / "blind.jsonl"
+    # skip 0, rate 1, undo (1 is asked again), rate 1 differently, tie 2, then input ends
+    r = run_blind(d, "s\n1\nu\n2\nt\n")
+    assert r.returncode == 0, r.stderr
+    assert "3 left" in r.stderr and "undone: prompt 1" in r.stderr and "1 skipped this time" in r.stderr
+    recs = [json.loads(l) for l in log.read_text().splitlines()]
+    assert [(x["index"], x["choice"]) for x in recs] == [(1, "2"), (2, "t")]
+    # an undo in a later session takes back the last verdict on file; with nothing left to undo it says so
+    r = run_blind(d, "u\nu\nu\nq\n")
+    assert "undone: prompt 2" in r.stderr and "undone: prompt 1" in r.stderr and "nothing to undo" in r.stderr
+    assert log.read_text() == ""
+    r = run_blind(d, "1\n2\nt\n")
+    assert "revealed" in r.stderr and json.loads((d / "blind.json").read_text())["n"] == 3
+
+
+def _pty_blind(d, keys, until: str):
+    """Drive `tunelab blind` on a pseudo-terminal: each key is written alone (no Enter) once the prompt shows."""
+    import os
+    import pty
+    import select
+    import time
+
+    pid, fd = pty.fork()
+    if pid == 0:  # child: the real command on the pty
+        os.execv(sys.executable, [sys.executable, "-m", "tunelab", "blind", str(d)])
+    out, deadline = b"", time.monotonic() + 150
+
+    def read_until(marker: bytes, count: int):
+        nonlocal out
+        while out.count(marker) < count and time.monotonic() < deadline:
+            if select.select([fd], [], [], 1)[0]:
+                try:
+                    chunk = os.read(fd, 65536)
+                except OSError:  # EIO: the child closed the terminal
+                    return
+                if not chunk:
+                    return
+                out += chunk
+
+    attrs_after = None
+    try:
+        for i, k in enumerate(keys):
+            read_until(b"which is better?", i + 1)
+            os.write(fd, k)
+        read_until(until.encode(), 1)
+        import termios
+
+        attrs_after = termios.tcgetattr(fd)
+    finally:
+        for _ in range(100):  # bounded: a child still waiting for a key after the deadline is stopped
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(pid, 9)
+            _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    return out.decode("utf-8", "replace"), os.waitstatus_to_exitcode(status), attrs_after
+
+
+def test_blind_one_keypress_per_rating_on_a_terminal(tmp_path):
+    import termios
+
+    d = small_compare(tmp_path)
+    # three single keys, no Enter: the terminal is in cbreak mode, so each key is a rating at once
+    out, rc, attrs = _pty_blind(d, [b"1", b"t", b"2"], "revealed")
+    assert rc == 0 and "revealed" in out and "3 left" in out and "1 left" in out
+    assert [json.loads(l)["choice"] for l in (d / "blind.jsonl").read_text().splitlines()] == ["1", "t", "2"]
+    assert attrs[3] & termios.ICANON and attrs[3] & termios.ECHO  # the terminal's line mode is back
+
+
+def test_blind_ctrl_c_on_a_terminal_keeps_verdicts_and_restores_the_terminal(tmp_path):
+    import termios
+
+    d = small_compare(tmp_path)
+    out, rc, attrs = _pty_blind(d, [b"u", b"1", b"\x03"], "rated")
+    assert rc == 0 and "1/3 rated" in out and "nothing to undo" in out
+    assert len((d / "blind.jsonl").read_text().splitlines()) == 1
+    assert attrs[3] & termios.ICANON and attrs[3] & termios.ECHO
