@@ -219,8 +219,9 @@ def test_compare_blind_and_local_judge(tmp_path, tiny_model, monkeypatch):
     assert s["n"] == 3 and s["ties"] == 1 and s["a_wins"] + s["b_wins"] == 2
     # local judge: what it records is what the judge model writes for the judge prompt, and each verdict is
     # what that text says (the tiny model babbles: an unparsable answer is an error, never a guess)
-    assert main(["judge", str(out), "--judge", str(tiny_model), "--retries", "0"]) == 0
+    rc = main(["judge", str(out), "--judge", str(tiny_model), "--retries", "0"])
     j = json.loads((out / "judge_pairwise.json").read_text())
+    assert rc == (0 if j["judged"] else 1)  # judging nothing is a failure
     from tunelab.evaluate.judge import PAIR_RE, SYSTEM_PAIR, USER_PAIR, LocalJudge
 
     lj = LocalJudge(str(tiny_model))
