@@ -443,7 +443,7 @@ def test_blind_ctrl_c_on_a_terminal_keeps_verdicts_and_restores_the_terminal(tmp
     import termios
 
     d = small_compare(tmp_path)
-    out, rc, attrs = _pty_blind(d, [b"u", b"1", b"\x03"], "rated")
+    out, rc, attrs = _pty_blind(d, [b"u", b"1", b"\x03"], "1/3 rated")
     assert rc == 0 and "1/3 rated" in out and "nothing to undo" in out
     assert len((d / "blind.jsonl").read_text().splitlines()) == 1
     assert attrs[3] & termios.ICANON and attrs[3] & termios.ECHO
