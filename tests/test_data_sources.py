@@ -48,7 +48,7 @@ def test_one_jsonl_reader_for_prompts_and_benchmarks(tmp_path, monkeypatch):
     f = tmp_path / "p.jsonl"
     f.write_text(json.dumps({"prompt": "a\u2028b"}, ensure_ascii=False) + "\n"
                  + json.dumps({"prompt": "c\u0085d"}, ensure_ascii=False) + "\n", encoding="utf-8")
-    assert read_prompts([], str(f)) == ["a\u2028b", "c\u0085d"]
+    assert [e.instruction for e in read_prompts([], str(f))] == ["a\u2028b", "c\u0085d"]
     assert [r["prompt"] for r in tasks._read_jsonl(f)] == ["a\u2028b", "c\u0085d"]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "x"}\n{"prompt": \n', encoding="utf-8")
