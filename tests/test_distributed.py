@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 from tunelab.cli import main
 
@@ -141,3 +142,81 @@ def test_sigterm_to_tunelab_stops_launcher_and_every_rank(tmp_path, tiny_config)
     step = summary["global_step"]
     assert step > 0 and (out / f"checkpoint-{step}" / "trainer_state.json").is_file()
     assert not (out / "final").exists()
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_together(argvs, bound_s, tmp_path):
+    """Several `tunelab train` commands at once (the nodes of one run); any still running after `bound_s`
+    seconds (a hang) fails the test, and every process tree is killed."""
+    import subprocess
+    import sys
+    import time
+
+    from tunelab.cli import kill_tree
+
+    procs, logs = [], []
+    for i, argv in enumerate(argvs):
+        logs.append(tmp_path / f"node{i}.log")
+        with open(logs[-1], "wb") as err:
+            procs.append(subprocess.Popen([sys.executable, "-m", "tunelab", "train"] + argv,
+                                          stdout=subprocess.DEVNULL, stderr=err))
+    deadline = time.time() + bound_s
+    try:
+        for p in procs:
+            p.wait(timeout=max(1.0, deadline - time.time()))
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"the nodes took more than {bound_s}s (hang)") from None
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                kill_tree(p.pid)
+                p.wait()
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log.read_text()[-3000:]
+
+
+def _multinode_config(path, rank, port):
+    """configs/accelerate/multinode_ddp.yaml as a user adapts it: 2 machines x 1 process, this machine's
+    rank, the main node's address (here both "machines" are this one), no mixed precision on CPU."""
+    import yaml
+
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/accelerate/multinode_ddp.yaml").read_text())
+    cfg.update(num_machines=2, num_processes=2, machine_rank=rank, main_process_ip="127.0.0.1",
+               main_process_port=port, mixed_precision="no")
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_two_nodes_match_one_process(tmp_path, tiny_config):
+    """issue 15.4: two "nodes" (accelerate launch, num_machines 2, machine_rank 0 and 1, rendezvous on
+    127.0.0.1, one process each) train into one run folder (as on a shared filesystem): the losses and
+    the adapter equal one process with the same global batch; only global rank 0 writes."""
+    from safetensors.torch import load_file
+
+    common = ["--set", "data.test_size=0", "--set", "train.max_steps=3", "--set", "train.save_steps=3",
+              "--set", "train.gradient_accumulation_steps=1", "--set", "data.shuffle=false"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    _train_bounded([str(tiny_config), "--output", str(one), "--set", "train.per_device_train_batch_size=4"] + common,
+                   240, tmp_path)
+    port = _free_port()
+    nodes = [[str(tiny_config), "--output", str(two), "--set", "train.per_device_train_batch_size=2",
+              "--launcher", "accelerate", "--accelerate-config", str(_multinode_config(tmp_path / f"node{r}.yaml", r, port))]
+             + common for r in (0, 1)]
+    _run_together(nodes, 300, tmp_path)
+    a = [h["loss"] for h in json.loads((one / "checkpoint-3" / "trainer_state.json").read_text())["log_history"]
+         if "loss" in h]
+    b = [h["loss"] for h in json.loads((two / "checkpoint-3" / "trainer_state.json").read_text())["log_history"]
+         if "loss" in h]
+    assert len(a) == len(b) == 3 and max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
+    wa = load_file(one / "final" / "adapter_model.safetensors")
+    wb = load_file(two / "final" / "adapter_model.safetensors")
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
+    assert json.loads((two / "summary.json").read_text())["global_step"] == 3
+    assert sorted(p.name for p in two.iterdir() if p.name.startswith(("checkpoint", "."))) == ["checkpoint-3"]
