@@ -220,3 +220,62 @@ def test_two_nodes_match_one_process(tmp_path, tiny_config):
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
     assert json.loads((two / "summary.json").read_text())["global_step"] == 3
     assert sorted(p.name for p in two.iterdir() if p.name.startswith(("checkpoint", "."))) == ["checkpoint-3"]
+
+
+def _adapted(name, path, **updates):
+    """One of configs/accelerate/*.yaml as a user adapts it to this machine: 2 CPU processes, no mixed precision."""
+    import yaml
+
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/accelerate" / name).read_text())
+    cfg.update(num_processes=2, mixed_precision="no", main_process_port=_free_port(), **updates)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _one_and_two(tmp_path, tiny_config, accelerate_config, steps=3, bound_s=300):
+    """The same run in 1 process (batch 4) and under `accelerate_config` (2 processes x batch 2): both
+    run folders and their per-step losses."""
+    common = ["--set", "data.test_size=0", "--set", f"train.max_steps={steps}", "--set", f"train.save_steps={steps}",
+              "--set", "train.gradient_accumulation_steps=1", "--set", "data.shuffle=false"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    _train_bounded([str(tiny_config), "--output", str(one), "--set", "train.per_device_train_batch_size=4"] + common,
+                   240, tmp_path)
+    _train_bounded([str(tiny_config), "--output", str(two), "--set", "train.per_device_train_batch_size=2",
+                    "--launcher", "accelerate", "--accelerate-config", str(accelerate_config)] + common, bound_s, tmp_path)
+    losses = [[h["loss"] for h in json.loads((run / f"checkpoint-{steps}" / "trainer_state.json").read_text())
+               ["log_history"] if "loss" in h] for run in (one, two)]
+    return one, two, losses[0], losses[1]
+
+
+def test_fsdp_config_on_cpu_says_it_runs_as_ddp_and_matches_one(tmp_path, tiny_config):
+    """issue 15.2: configs/accelerate/fsdp.yaml (FSDP2) on 2 CPU processes: accelerate 1.15 enables FSDP only
+    on GPU-like devices and silently runs DDP over gloo instead; tunelab says so (one warning), the losses
+    equal one process, and the saved adapter is an ordinary PEFT adapter that loads in one process."""
+    from safetensors.torch import load_file
+
+    cfg = _adapted("fsdp.yaml", tmp_path / "fsdp.yaml")
+    one, two, a, b = _one_and_two(tmp_path, tiny_config, cfg)
+    assert len(a) == len(b) == 3 and max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
+    wa = load_file(one / "final" / "adapter_model.safetensors")
+    wb = load_file(two / "final" / "adapter_model.safetensors")
+    assert sorted(wa) == sorted(wb) and max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
+    assert main(["generate", str(two), "--prompt", "Add 2 and 3.", "--max-new-tokens", "4"]) == 0
+    assert " ".join((tmp_path / "stderr.log").read_text().split()).count("FSDP needs GPUs") == 1
+
+
+def test_deepspeed_zero2_two_cpu_processes_match_one(tmp_path, tiny_config):
+    """issue 15.3: configs/accelerate/deepspeed_zero2.yaml on 2 CPU processes (DeepSpeed's CPU accelerator,
+    gloo): a real DeepSpeed engine (its checkpoint layout), the losses equal one process, and the adapter
+    is an ordinary PEFT adapter that loads in one process."""
+    import pytest
+    from safetensors.torch import load_file
+
+    pytest.importorskip("deepspeed", reason="pip install 'tunelab[deepspeed]'")
+    cfg = _adapted("deepspeed_zero2.yaml", tmp_path / "zero2.yaml")
+    one, two, a, b = _one_and_two(tmp_path, tiny_config, cfg, bound_s=400)
+    assert (two / "checkpoint-3" / "global_step3").is_dir()  # DeepSpeed's own engine saved it
+    assert len(a) == len(b) == 3 and max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
+    wa = load_file(one / "final" / "adapter_model.safetensors")
+    wb = load_file(two / "final" / "adapter_model.safetensors")
+    assert sorted(wa) == sorted(wb) and max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
+    assert main(["generate", str(two), "--prompt", "Add 2 and 3.", "--max-new-tokens", "4"]) == 0
