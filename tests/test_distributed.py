@@ -287,3 +287,30 @@ def test_deepspeed_two_cpu_processes_match_one(tmp_path, tiny_config, name):
     wb = load_file(two / "final" / "adapter_model.safetensors")
     assert sorted(wa) == sorted(wb) and max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
     assert main(["generate", str(two), "--prompt", "Add 2 and 3.", "--max-new-tokens", "4"]) == 0
+
+
+def test_deepspeed_zero3_checkpoint_resume_matches_one_process(tmp_path, tiny_config):
+    """issue 15.3: ZeRO-3 on 2 CPU processes stops at a checkpoint (step 2), `--resume` loads DeepSpeed's
+    sharded checkpoint and continues to step 4: the loss curve equals one uninterrupted process."""
+    import yaml
+
+    pytest.importorskip("deepspeed", reason="pip install 'tunelab[deepspeed]'")
+    cfg = _adapted("deepspeed_zero3.yaml", tmp_path / "zero3.yaml")
+    ds = yaml.safe_load(cfg.read_text())
+    ds["deepspeed_config"]["offload_optimizer_device"] = "none"  # see test_deepspeed_two_cpu_processes_match_one
+    cfg.write_text(yaml.safe_dump(ds))
+    common = ["--set", "data.test_size=0", "--set", "train.save_steps=2", "--set", "data.shuffle=false",
+              "--set", "train.gradient_accumulation_steps=1", "--set", "train.lr_scheduler_type=constant_with_warmup"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    _train_bounded([str(tiny_config), "--output", str(one), "--set", "train.per_device_train_batch_size=4",
+                    "--set", "train.max_steps=4"] + common, 240, tmp_path)
+    launch = ["--set", "train.per_device_train_batch_size=2", "--launcher", "accelerate", "--accelerate-config", str(cfg)]
+    _train_bounded([str(tiny_config), "--output", str(two), "--set", "train.max_steps=2"] + launch + common, 400, tmp_path)
+    assert (two / "checkpoint-2" / "global_step2").is_dir()
+    _train_bounded([str(tiny_config), "--output", str(two), "--set", "train.max_steps=4", "--resume"] + launch + common,
+                   400, tmp_path)
+    a = [h["loss"] for h in json.loads((one / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+         if "loss" in h]
+    b = [h["loss"] for h in json.loads((two / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+         if "loss" in h]
+    assert len(a) == len(b) == 4 and max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
