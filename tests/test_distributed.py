@@ -309,6 +309,7 @@ def test_deepspeed_zero3_checkpoint_resume_matches_one_process(tmp_path, tiny_co
     assert (two / "checkpoint-2" / "global_step2").is_dir()
     _train_bounded([str(tiny_config), "--output", str(two), "--set", "train.max_steps=4", "--resume"] + launch + common,
                    400, tmp_path)
+    assert "resuming from checkpoint-2" in (tmp_path / "stderr.log").read_text()
     a = [h["loss"] for h in json.loads((one / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
          if "loss" in h]
     b = [h["loss"] for h in json.loads((two / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
