@@ -85,7 +85,8 @@ def run_arm(arm: str, model: Path, data: Path, out: Path, nproc: int, args) -> d
         cmd += ["--set", s]
     t0 = time.time()
     with open(out / f"{arm}.log", "wb") as log:
-        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=args.deadline).returncode
+        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=args.deadline,
+                              check=False).returncode
     summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
     res = {"arm": arm, "exit": code, "wall_s": round(time.time() - t0, 1), "processes": nproc}
     if summary.get("train_runtime_s"):
