@@ -273,6 +273,7 @@ def launch_accelerate(args, out: Path) -> int:
         if not Path(args.accelerate_config).is_file():
             raise ConfigError(f"--accelerate-config {args.accelerate_config}: file not found")
         cmd += ["--config_file", args.accelerate_config]
+        _warn_cpu_fsdp(args.accelerate_config)
     else:
         if args.num_processes < 1:
             raise ConfigError("--num-processes must be >= 1")
@@ -291,6 +292,23 @@ def launch_accelerate(args, out: Path) -> int:
         raise ConfigError("--collective-timeout must be >= 1 second")
     env = dict(os.environ, **{LAUNCHED: "1", COLLECTIVE_TIMEOUT: str(args.collective_timeout)})
     return run_launcher(cmd, env, args, out)
+
+
+def _warn_cpu_fsdp(config_file: str) -> None:
+    """accelerate (1.15, state.py) turns FSDP on only for GPU-like devices: with no GPU it builds plain DDP
+    over gloo and says nothing, so a user would believe the model is sharded. Say it once, here."""
+    import yaml
+
+    from .ui import warn
+
+    with contextlib.suppress(OSError, yaml.YAMLError, AttributeError):
+        if str(yaml.safe_load(Path(config_file).read_text()).get("distributed_type", "")).upper() != "FSDP":
+            return
+        import torch
+
+        if not torch.cuda.is_available():
+            warn(f"{config_file}: FSDP needs GPUs; on this CPU-only machine accelerate runs it as plain DDP "
+                 "(every process holds the whole model; same losses, no memory saving)")
 
 
 def run_launcher(cmd: list[str], env: dict, args, out: Path) -> int:
