@@ -166,7 +166,7 @@ def cmd_export(args) -> int:
         raise ExportError(f"--to {out} exists and is not empty; choose another folder or pass --force")
     ref, merged, tok, note, template, cfg = _load_merged(Path(args.run), args.dtype)
     console.print(note)
-    system_prompt = (cfg.get("data") or {}).get("system_prompt")
+    system_prompt = cfg.data.system_prompt
     try:
         chat_template = jinja_template(template, tok, system_prompt)
     except TemplateError as e:

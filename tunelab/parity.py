@@ -51,22 +51,19 @@ class StepResult:
     bounds: str
 
 
-def probe_set(run, cfg: dict, tok, n: int) -> tuple[list[Probe], str]:
-    """(probes, where they came from)."""
-    from .config import config_from_dict
-
+def probe_set(run, cfg, tok, n: int) -> tuple[list[Probe], str]:
+    """(probes, where they came from); `cfg` is the run's typed RunConfig (rundir.run_config)."""
     try:
         from .data.pipeline import prepare
 
-        rc = config_from_dict(cfg)
+        rc = cfg
         train, evals, _, _ = prepare(rc.data, tok, base=run)
         rows, source = (evals, "held-out rows") if evals else (train[-n:], "last training rows (no held-out set)")
         return [Probe(list(r.input_ids), list(r.labels), r.prompt_len) for r in rows[:n]], source
     except Exception as e:  # the data moved or can't be read: parity on the fixed prompts (greedy only)
         from .export import VERIFY_PROMPTS, verify_prompt_ids
 
-        ids = verify_prompt_ids(tok, (cfg.get("data") or {}).get("template", "alpaca"),
-                                (cfg.get("data") or {}).get("system_prompt"))
+        ids = verify_prompt_ids(tok, cfg.data.template, cfg.data.system_prompt)
         return ([Probe(x, None, len(x)) for x in ids],
                 f"{len(VERIFY_PROMPTS)} fixed prompts (run data unavailable: {str(e).splitlines()[0][:80]})")
 
