@@ -365,9 +365,14 @@ def write_gguf(model, tok, path: Path, kind: str, chat_template: str | None = No
 
 
 def load_gguf(path: Path):
+    """A written GGUF back in transformers (fp32), without transformers' own conversion bar."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    from .quiet import gguf_progress_off
+
+    with gguf_progress_off():
+        return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                    dtype=torch.float32).eval()
 
 
 @torch.inference_mode()
