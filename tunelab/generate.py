@@ -130,7 +130,7 @@ class _TerminalStream:
         self.text += text
         if stream_end:  # an incomplete last character is held back, as in decode_whole
             self.text = self.text.rstrip("\ufffd")
-        cut, stopped = _cut_at_stop(self.text, self.stops)
+        cut, stopped = cut_at_stop(self.text, self.stops)
         upto = len(cut) if (stopped or stream_end) else max(self.shown, len(cut) - self.hold)
         if upto > self.shown:
             self.write(cut[self.shown:upto])
@@ -172,7 +172,7 @@ def check_fits(loaded, n_prompt: int, max_new_tokens: int, what: str = "the prom
                               f"(shorten the prompt or lower --max-new-tokens)")
 
 
-def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
 
@@ -252,7 +252,7 @@ def generate_batch(loaded, prompts: list[str | Example], params: GenParams, temp
             new = new[: new.index(tok.eos_token_id)]
         while new and new[-1] == tok.pad_token_id:
             new.pop()
-        text, stopped = _cut_at_stop(decode_whole(tok, new), params.stop)
+        text, stopped = cut_at_stop(decode_whole(tok, new), params.stop)
         results.append(Completion(as_example(p).display(), text, len(new), "stop" if (ended or stopped) else "length"))
     return results
 

@@ -34,7 +34,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import torch
 
 from .data.templates import Example, TemplateError, encode_prompt, render_prompt
-from .generate import _cut_at_stop
+from .generate import cut_at_stop
 from .ui import console
 
 
@@ -147,7 +147,7 @@ class Engine:
                     j.out.put(("done", "stop", len(generated[i])))
                     continue
                 generated[i].append(t)
-                text, hit = _cut_at_stop(tok.decode(generated[i], skip_special_tokens=True), j.stop)
+                text, hit = cut_at_stop(tok.decode(generated[i], skip_special_tokens=True), j.stop)
                 length = len(generated[i]) >= j.max_tokens
                 self._emit(j, sent, i, text, final=hit or length)
                 if hit or length:
@@ -164,7 +164,7 @@ class Engine:
     @staticmethod
     def _emit(job: Job, sent: list[str], i: int, text: str, final: bool) -> None:
         """Send the part of `text` that can no longer change: `generate`'s stop semantics (the text is
-        cut before the first stop string, generate._cut_at_stop) need the last len(longest stop) - 1
+        cut before the first stop string, generate.cut_at_stop) need the last len(longest stop) - 1
         characters held back until the row ends (they could still begin a stop string), and an
         unfinished multi-byte character (decoded as U+FFFD) is held back too."""
         upto = len(text)

@@ -235,7 +235,7 @@ class _Clock:
         self.lock = threading.Lock()
 
     def finished(self, r: dict, seconds: float) -> None:
-        from .ui import _clock
+        from .ui import clock
 
         with self.lock:
             self.done += 1
@@ -244,10 +244,10 @@ class _Clock:
                 self.trained += 1
                 self.seconds += seconds
             left = self.total - self.done
-            eta = ("0:00:00" if left == 0 else _clock(self.seconds / self.trained * left / min(self.workers, left))
+            eta = ("0:00:00" if left == 0 else clock(self.seconds / self.trained * left / min(self.workers, left))
                    if self.trained else "?")
             console.print(f"sweep: {self.done}/{self.total} trials ({self.failed} failed), elapsed "
-                          f"{_clock(time.monotonic() - self.t0)}, eta {eta}", markup=False)
+                          f"{clock(time.monotonic() - self.t0)}, eta {eta}", markup=False)
 
 
 def eval_trial(r: dict, folder: Path, task: str, metric: str, limit: int | None, env_threads: int) -> dict:

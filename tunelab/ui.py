@@ -26,7 +26,7 @@ def warn(msg: str) -> None:
     console.print(f"[yellow]warning:[/yellow] {msg}")
 
 
-def _clock(seconds: float) -> str:
+def clock(seconds: float) -> str:
     s = int(seconds + 0.5)
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
@@ -83,9 +83,9 @@ class Progress(rich.progress.Progress):
         rate = (done - first) / elapsed if elapsed > 0 else 0.0
         name = " ".join(x for x in (self.label, task.description if task.description != self.label else "") if x)
         parts = [f"{done:g}/{total:g} ({100 * done / total:.0f}%)" if total else f"{done:g}",
-                 f"{rate:.2f} {self.unit or 'it'}/s", f"elapsed {_clock(elapsed)}"]
+                 f"{rate:.2f} {self.unit or 'it'}/s", f"elapsed {clock(elapsed)}"]
         if total and done < total:
-            parts.append(f"eta {_clock((total - done) / rate)}" if rate > 0 else "eta ?")
+            parts.append(f"eta {clock((total - done) / rate)}" if rate > 0 else "eta ?")
         elif final:
             parts.append("done" if total and done >= total else "stopped")
         self.console.print(f"{name}: " + ", ".join(parts), markup=False, highlight=False)
