@@ -18,6 +18,7 @@ import sys
 from .data.templates import Example
 from .generate import (
     GenerationError,
+    add_decoding_args,
     check_fits,
     context_limit,
     generate_batch,
@@ -34,15 +35,7 @@ def add_parser(sub) -> None:
     p.add_argument("--template", choices=["alpaca", "chat_template", "plain"],
                    help="prompt template (default: the run's; alpaca for a bare model)")
     p.add_argument("--system", help="system message (chat_template runs; replaces the run's data.system_prompt)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--repetition-penalty", type=float)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stop", action="append", default=[],
-                   help="stop string (repeatable; escapes like \\n are understood)")
+    add_decoding_args(p, max_new_tokens=256)
 
 
 class Session:

@@ -344,6 +344,19 @@ def read_prompts(prompts: list[str], file: str | None) -> list[Example]:
     return [as_example(p) for p in out]
 
 
+def add_decoding_args(p, max_new_tokens: int) -> None:
+    """The decoding flags `params_from_args` reads, shared by generate and chat."""
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=[],
+                   help="stop string (repeatable; escapes like \\n, \\t, \\uXXXX are understood)")
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="answer prompts with a model, run folder or checkpoint")
     p.add_argument("model", help="model spec (smollm2-135m, folder, .gguf, hub id) or a run folder / checkpoint")
@@ -354,15 +367,7 @@ def add_parser(sub) -> None:
     p.add_argument("--out", help="write results as JSONL here")
     p.add_argument("--template", choices=["alpaca", "chat_template", "plain"],
                    help="prompt template (default: the run's; alpaca for a bare model)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--repetition-penalty", type=float)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stop", action="append", default=[],
-                   help="stop string (repeatable; escapes like \\n, \\t, \\uXXXX are understood)")
+    add_decoding_args(p, max_new_tokens=128)
     p.add_argument("--system", help="system message (chat_template runs; replaces the run's data.system_prompt)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the generation cache")

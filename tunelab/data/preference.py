@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import json
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import DataConfig
+from .pipeline import DataStats
 from .sources import DataError, read_rows
 from .templates import Example, encode_prompt, render_prompt
 
@@ -61,14 +62,9 @@ class PairStats:
     chosen_longer_share: float = 0.0
     prompt_tokens_max: int = 0
 
-    def drop(self, reason: str, where: str) -> None:
-        self.dropped[reason] = self.dropped.get(reason, 0) + 1
-        ex = self.dropped_examples.setdefault(reason, [])
-        if len(ex) < 3:
-            ex.append(where)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+    # the same drop counting (and dict form) as the SFT pipeline's DataStats: `check` prints both alike
+    drop = DataStats.drop
+    to_dict = DataStats.to_dict
 
 
 def split_shared_dialogue(chosen: str, rejected: str) -> tuple[str, str, str]:
