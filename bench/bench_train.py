@@ -64,8 +64,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout's tunelab, not an installed one
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "train" / "alpaca_en_demo" / "data.json"
-ARMS = ["tunelab", "tunelab-fp32", "tunelab-bf16", "tunelab-gc", "tunelab-t1", "recipe-fp32", "recipe-fp32-nogc", "recipe-shipped"]
-TUNELAB_DTYPE = {"tunelab": "auto", "tunelab-fp32": "float32", "tunelab-bf16": "bfloat16", "tunelab-gc": "auto",
+ARMS = ["tunelab", "tunelab-fp32", "tunelab-mixed", "tunelab-bf16", "tunelab-gc", "tunelab-t1", "recipe-fp32", "recipe-fp32-nogc", "recipe-shipped"]
+TUNELAB_DTYPE = {"tunelab": "auto", "tunelab-fp32": "float32", "tunelab-mixed": "bf16-mixed", "tunelab-bf16": "bfloat16", "tunelab-gc": "auto",
                  "tunelab-t1": "auto"}
 TAG = "@@BENCH "
 
