@@ -14,9 +14,12 @@ Trainer.__init__) finishes what AcceleratorState would have done on a GPU, throu
 only: the plugin built from the same FSDP_* variables, `distributed_type = FSDP` on the accelerator state
 and on the process state they share, and the Trainer's own `is_fsdp_enabled` flag. Nothing else is
 patched; from there every step is accelerate's and the Trainer's FSDP2 code. Only FSDP2
-(fsdp_version: 2) is enabled this way: FSDP1 needs a CUDA-like device for sync_module_states and its
-flat-parameter streams. tests/test_distributed.py goes red if accelerate starts doing this itself (the
-override becomes unnecessary) or stops accepting it (sharding no longer happens).
+(fsdp_version: 2) is enabled this way. torch's FSDP1 runs on CPU too, but accelerate's FSDP1 path does
+not: its plugin looks up a GPU-like device for sync_module_states ("There are currently no available
+devices found"), and without that its prepare passes device_id=cpu:N, which torch rejects
+("Inconsistent compute device and `device_id` on rank 0: cpu vs cpu:0"; seen with accelerate 1.15).
+tests/test_distributed.py goes red if accelerate starts doing this itself (the override becomes
+unnecessary) or stops accepting it (sharding no longer happens).
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ class FsdpOnCpu:
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if self.is_fsdp_enabled:  # on GPUs too: say (and record) what each process holds
+        if self.is_fsdp_enabled and self.accelerator.is_fsdp2:  # on GPUs too: say (and record) what each holds
             self.add_callback(ShardReport())
 
     def create_accelerator_and_postprocess(self) -> None:
