@@ -14,7 +14,7 @@ engines). QLoRA is run under DDP only: 4-bit weights under FSDP/ZeRO-3 need bnb_
 the compute dtype, which tunelab does not wire yet.
 
 Not run yet: this machine has no GPU. The dry run proves the arms start, train and write summary.json
-(on CPU accelerate runs the FSDP arm as DDP, and tunelab says so).
+(on CPU the FSDP arm runs FSDP2 over gloo, tunelab/distributed.py).
 """
 
 from __future__ import annotations

@@ -45,6 +45,7 @@ SIGNATURES = [
     ("transformers", "TrainerCallback", "on_pre_optimizer_step", {"args", "state", "control"}),
     ("transformers", "TrainerCallback", "on_save", {"args", "state", "control"}),
     ("accelerate", "Accelerator", "no_sync", {"model"}),
+    ("transformers", "Trainer", "create_accelerator_and_postprocess", {"self"}),  # tunelab/distributed.py
 ]
 
 

@@ -211,7 +211,7 @@ def cmd_train(args) -> int:
     cfg, warnings = load_config(args.config, args.overrides)
     out = Path(args.output) if args.output else Path("runs") / Path(args.config).stem
     if args.launcher == "accelerate":  # the training processes check the config again and say its warnings once
-        return launch_accelerate(args, out)
+        return launch_accelerate(args, out, cfg)
     for w in warnings:
         warn(w)
     summary = run(cfg, out, resume=args.resume, config_dir=Path(args.config).resolve().parent)
@@ -258,7 +258,7 @@ LAUNCHED = "TUNELAB_LAUNCHED"  # set in the ranks that launch_accelerate starts
 COLLECTIVE_TIMEOUT = "TUNELAB_COLLECTIVE_TIMEOUT"  # seconds; read by train.training_arguments (ddp_timeout)
 
 
-def launch_accelerate(args, out: Path) -> int:
+def launch_accelerate(args, out: Path, cfg) -> int:
     """Re-run this same `tunelab train` under `accelerate launch` (DDP by default; gloo on CPU)."""
     import shutil
     import socket
@@ -273,7 +273,7 @@ def launch_accelerate(args, out: Path) -> int:
         if not Path(args.accelerate_config).is_file():
             raise ConfigError(f"--accelerate-config {args.accelerate_config}: file not found")
         cmd += ["--config_file", args.accelerate_config]
-        _warn_cpu_fsdp(args.accelerate_config)
+        _check_cpu_fsdp(args.accelerate_config, cfg.train.method)
     else:
         if args.num_processes < 1:
             raise ConfigError("--num-processes must be >= 1")
@@ -294,21 +294,37 @@ def launch_accelerate(args, out: Path) -> int:
     return run_launcher(cmd, env, args, out)
 
 
-def _warn_cpu_fsdp(config_file: str) -> None:
-    """accelerate (1.15, state.py) turns FSDP on only for GPU-like devices: with no GPU it builds plain DDP
-    over gloo and says nothing, so a user would believe the model is sharded. Say it once, here."""
+def _check_cpu_fsdp(config_file: str, method: str) -> None:
+    """An FSDP accelerate config on a CPU-only machine: tunelab's SFT Trainer runs FSDP2 on the CPU processes
+    (tunelab/distributed.py). Say up front, in one line, what cannot run there: FSDP1 (accelerate needs a
+    GPU for it) and parameter offload (FSDP2 pins host memory, which needs a GPU; on CPU processes the
+    parameters are in host memory already). The other methods (TRL trainers) get plain DDP: say so."""
     import yaml
 
+    from .config import ConfigError
     from .ui import warn
 
-    with contextlib.suppress(OSError, yaml.YAMLError, AttributeError):
-        if str(yaml.safe_load(Path(config_file).read_text()).get("distributed_type", "")).upper() != "FSDP":
-            return
-        import torch
+    try:
+        acc = yaml.safe_load(Path(config_file).read_text())
+    except (OSError, yaml.YAMLError):
+        return  # accelerate reads it next and says what is wrong
+    if not isinstance(acc, dict) or str(acc.get("distributed_type", "")).upper() != "FSDP":
+        return
+    import torch
 
-        if not torch.cuda.is_available():
-            warn(f"{config_file}: FSDP needs GPUs; on this CPU-only machine accelerate runs it as plain DDP "
-                 "(every process holds the whole model; same losses, no memory saving)")
+    if torch.cuda.is_available():
+        return
+    fsdp = acc.get("fsdp_config") or {}
+    if method != "sft":
+        warn(f"{config_file}: FSDP on CPU processes is wired into tunelab's SFT trainer only; train.method={method} "
+             "runs as plain DDP (every process holds the whole model; same losses, no memory saving)")
+        return
+    if str(fsdp.get("fsdp_version", 1)) != "2":
+        raise ConfigError(f"{config_file}: fsdp_version {fsdp.get('fsdp_version', 1)} (FSDP1) needs GPUs; on this "
+                          "CPU-only machine set fsdp_version: 2 (FSDP2 runs on CPU processes)")
+    if str(fsdp.get("fsdp_offload_params", False)).lower() == "true":
+        raise ConfigError(f"{config_file}: fsdp_offload_params: true needs a GPU (FSDP2 pins host memory for it; on "
+                          "CPU processes the parameters are in host memory already); set it to false")
 
 
 def run_launcher(cmd: list[str], env: dict, args, out: Path) -> int:

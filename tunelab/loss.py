@@ -3,8 +3,9 @@
 The stock path (`model(**inputs).loss`) projects every position onto the vocabulary: for
 SmolLM2 (vocab 49,152) a 4 x 512 batch makes a 400 MB fp32 logits tensor, plus its float copy,
 log-softmax and gradient, and most of those positions are prompt or padding whose loss is masked
-away anyway. Here the decoder runs alone (`get_decoder()`), the hidden states of the positions
-whose next token is trained are gathered, and the output projection + cross-entropy run over them
+away anyway. Here the model runs with `logits_to_keep` naming no position (so its head projects
+nothing) and the decoder's final hidden states are taken (final_hidden_states), the hidden states
+of the positions whose next token is trained are gathered, and the output projection + cross-entropy run over them
 in chunks of `chunk_size` rows. The gradient with respect to the hidden states (and to the head's
 weight, when it is trained) is computed chunk by chunk in the same pass, so no chunk's logits
 are kept for backward: peak extra memory is one chunk x vocab.
@@ -106,10 +107,30 @@ def causal_lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     return m.get_decoder(), head
 
 
+def final_hidden_states(wrapper: nn.Module, decoder: nn.Module, inputs: dict) -> torch.Tensor:
+    """The decoder's last hidden states for `inputs`, from a forward pass of the whole model through
+    `wrapper` (the model itself, or a DistributedDataParallel around it) with `logits_to_keep` naming no
+    position, so that the [batch, seq, vocab] logits are never built. Going through the wrapper matters
+    under DDP: its forward is what arms the gradient all-reduce of the backward that follows; a direct
+    call of the decoder would leave the gradients unsynchronised. The hidden states are taken from the
+    decoder's output with a forward hook (public torch API), the same tensor `get_decoder()(...)` returns."""
+    got = []
+    handle = decoder.register_forward_hook(lambda module, args, output: got.append(output.last_hidden_state))
+    try:
+        none = torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)
+        wrapper(**inputs, use_cache=False, logits_to_keep=none)
+    finally:
+        handle.remove()
+    if len(got) != 1:
+        raise RuntimeError(f"chunked loss: the decoder ran {len(got)} times in one forward pass")
+    return got[0]
+
+
 def chunked_causal_lm_loss(model: nn.Module, inputs: dict, num_items_in_batch=None,
-                           chunk_size: int = 1024) -> torch.Tensor | None:
+                           chunk_size: int = 1024, wrapper: nn.Module | None = None) -> torch.Tensor | None:
     """The causal-LM loss of `inputs` (input_ids, labels, optional attention_mask / position_ids /
-    packing kwargs) through `model`, or None if this model isn't supported (use the stock loss)."""
+    packing kwargs) through `model`, or None if this model isn't supported (use the stock loss).
+    `wrapper`: the module whose forward runs the model (a DDP wrapper around `model`); default `model`."""
     parts = causal_lm_parts(model)
     if parts is None or "labels" not in inputs:
         return None
@@ -117,7 +138,7 @@ def chunked_causal_lm_loss(model: nn.Module, inputs: dict, num_items_in_batch=No
     inputs = dict(inputs)
     labels = inputs.pop("labels")
     shift_labels = inputs.pop("shift_labels", None)
-    hidden = decoder(**inputs, use_cache=False).last_hidden_state
+    hidden = final_hidden_states(model if wrapper is None else wrapper, decoder, inputs)
     if shift_labels is None:
         hidden = hidden[:, :-1]
         shift_labels = labels[:, 1:]

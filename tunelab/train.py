@@ -27,6 +27,7 @@ from .config import ConfigError, RunConfig, save_config
 from .data.packing import PackedCollator, is_packed, packed_attention, split_packed
 from .data.pipeline import Collator, DataStats, TokenizedDataset, prepare
 from .data.preflight import PreflightError, check_examples
+from .distributed import FsdpOnCpu, ShardReport
 from .fsutil import atomic_write_text, commit_dir, is_disk_full, remove_tree
 from .loss import chunked_causal_lm_loss
 from .models import (
@@ -184,7 +185,7 @@ def training_arguments(cfg: RunConfig, out: Path, device: str, dtype: torch.dtyp
     )
 
 
-class TunelabTrainer(Trainer):
+class TunelabTrainer(FsdpOnCpu, Trainer):
     """transformers' Trainer with tunelab's step: packed rows split by `pack_max_tokens` (gradients
     synchronised once per step), the chunked loss (tunelab/loss.py), a nan/inf loss stop, and
     tokens/s + peak memory on every training log line (TensorBoard and terminal). Only public
@@ -195,6 +196,7 @@ class TunelabTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.pack_max_tokens, self.chunked_loss, self.loss_chunk_size = pack_max_tokens, chunked_loss, loss_chunk_size
         self._tps_mark: tuple[float, int] | None = None
+        self.loss_kinds: set[str] = set()  # "chunked" / "stock": how training losses were computed (summary.json)
         self._eval_seconds = 0.0  # evaluation time, kept out of tokens/s
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -223,19 +225,26 @@ class TunelabTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # train.chunked_loss: logits only where labels exist, in chunks (tunelab/loss.py); eval
-        # discards logits unless compute_metrics is set, so it takes the chunked path too. Not through a
-        # DDP wrapper: its gradient hooks are armed by its own forward, which the chunked path bypasses.
-        if self.chunked_loss and (not return_outputs or self.compute_metrics is None) \
-                and self.accelerator.unwrap_model(model) is model:
-            with packed_attention(model) if is_packed(inputs) else contextlib.nullcontext():
-                loss = chunked_causal_lm_loss(model, inputs, num_items_in_batch, self.loss_chunk_size)
+        # discards logits unless compute_metrics is set, so it takes the chunked path too. Under DDP the
+        # forward runs through the wrapper (which arms the gradient all-reduce) and the head is applied
+        # chunked to the final hidden states. FSDP and DeepSpeed keep the stock loss: outside their
+        # forward the head's weight may be a shard.
+        inner = self.accelerator.unwrap_model(model)
+        if self.chunked_loss and (not return_outputs or self.compute_metrics is None) and not self.is_fsdp_enabled \
+                and (inner is model or isinstance(model, torch.nn.parallel.DistributedDataParallel)):
+            with packed_attention(inner) if is_packed(inputs) else contextlib.nullcontext():
+                loss = chunked_causal_lm_loss(inner, inputs, num_items_in_batch, self.loss_chunk_size, wrapper=model)
             if loss is not None:
+                if model.training:
+                    self.loss_kinds.add("chunked")
                 if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                     # num_items_in_batch is then the count over all processes; the Trainer's own
                     # compute_loss scales by the process count the same way (DDP averages gradients,
                     # evaluation averages the per-process losses).
                     loss = loss * self.accelerator.num_processes
                 return (loss, {"loss": loss}) if return_outputs else loss
+        if model.training:
+            self.loss_kinds.add("stock")
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def evaluate(self, *a, **kw):
@@ -385,7 +394,7 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, config_dir: Path | N
     else:
         final, staging = out / FINAL, out / ".staging-final"
         try:  # every process calls save_model (sharded setups gather collectively); the main one writes
-            trainer.save_model(str(staging))
+            save_final_model(trainer, staging, main)
             if main:
                 s.tokenizer.save_pretrained(str(staging))
                 write_base_fingerprint(staging, s.model_folder, cfg.model.name)
@@ -405,6 +414,29 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, config_dir: Path | N
     if main:
         atomic_write_text(out / SUMMARY, json.dumps(summary, indent=2))
     return summary
+
+
+def save_final_model(trainer: Trainer, folder: Path, main: bool) -> None:
+    """The final model (adapter or full weights) in the ordinary Hugging Face layout. Under FSDP the full
+    state dict is gathered here (a collective: every process calls it) and the main process saves it,
+    because the Trainer's save_model writes no model file at all for fsdp_state_dict_type
+    SHARDED_STATE_DICT, and for FULL_STATE_DICT it writes tied weights twice (the gathered state dict
+    holds a copy per name, so save_pretrained's pointer-based dedupe misses them). Checkpoints keep the
+    Trainer's (FSDP's) own layout."""
+    if not trainer.is_fsdp_enabled:
+        trainer.save_model(str(folder))
+        return
+    state = trainer.accelerator.get_state_dict(trainer.model)
+    if main:
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        tied: dict[int, list[str]] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            tied.setdefault(id(p), []).append(name)
+        for names in tied.values():  # one tensor for all the names of one parameter, as without FSDP
+            for name in names[1:]:
+                if names[0] in state and name in state:
+                    state[name] = state[names[0]]
+        model.save_pretrained(str(folder), state_dict=state)
 
 
 def _is_collective_failure(e: BaseException) -> bool:
@@ -478,6 +510,10 @@ def make_summary(trainer, result, s: Setup, out: Path, wall: float, method: str)
         "peak_rss_gib": round(peak_rss_gib(), 3),
         "peak_gpu_gib": round(peak_gpu, 3) if peak_gpu is not None else None,
         "checkpoints": [p.name for p in checkpoints(out)],
+        # how the training loss was computed: "chunked" (tunelab/loss.py) or "stock" (the model's own)
+        "loss_computation": "+".join(sorted(getattr(trainer, "loss_kinds", ()))) or None,
+        # FSDP: each process's share of the parameters (tunelab/distributed.py), else None
+        "fsdp": shards.report if (shards := callback(trainer, ShardReport)) else None,
         "pad_token": s.tokenizer.pad_token,
         "eos_token": s.tokenizer.eos_token,
     }
