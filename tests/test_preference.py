@@ -307,3 +307,44 @@ def test_classify_on_real_csv_rows(tmp_path, tiny_model, capsys):
     out2 = tmp_path / "one"
     assert main(["train", str(cfg), "--output", str(out2), "--set", f"data.path={one}"]) == 2
     _refused(capsys, out2, "has one label (1)", "at least two")
+
+
+def test_method_section_in_another_methods_run_is_refused_even_at_defaults(tmp_path, tiny_config, capsys):
+    """`dpo: {beta: 0.1}` (beta's default) in an SFT run: the YAML was meant for DPO; its presence is the error."""
+    import yaml
+
+    from tunelab.config import load_config, save_config
+
+    out = tmp_path / "out"
+    base = tiny_config.read_text()
+    for extra, needles in (("dpo:\n  beta: 0.1\n", ["run.yaml:", "dpo.beta is a dpo setting, but train.method is sft"]),
+                           ("grpo:\n  num_generations: 4\n", ["grpo.num_generations is a grpo setting"]),
+                           ("kto: {}\n", ["the kto: section is for train.method=kto, but train.method is sft"])):
+        tiny_config.write_text(base + extra)
+        assert main(["train", str(tiny_config), "--output", str(out)]) == 2
+        _refused(capsys, out, *needles)
+    tiny_config.write_text(base)
+    assert main(["train", str(tiny_config), "--output", str(out), "--set", "dpo.beta=0.1"]) == 2
+    _refused(capsys, out, "--set: dpo.beta is a dpo setting, but train.method is sft")
+    # the section of the run's own method is fine, and a saved run config (or `tunelab config`'s output)
+    # holds only that one, so it loads back as a valid config
+    cfg, _ = load_config(tiny_config, ["train.method=dpo", "dpo.beta=0.1"])
+    save_config(cfg, tmp_path / "saved.yaml")
+    saved = yaml.safe_load((tmp_path / "saved.yaml").read_text())
+    assert "dpo" in saved and not {"kto", "orpo", "simpo", "grpo", "classify"} & set(saved)
+    assert load_config(tmp_path / "saved.yaml")[0].dpo.beta == 0.1
+    cfg, _ = load_config(tiny_config)
+    save_config(cfg, tmp_path / "sft.yaml")
+    assert "dpo" not in yaml.safe_load((tmp_path / "sft.yaml").read_text())
+    load_config(tmp_path / "sft.yaml")
+
+
+def test_classify_on_a_column_with_one_label_is_refused(tmp_path, tiny_model, capsys):
+    one = tmp_path / "one.csv"
+    one.write_text("text,label\nhello,1\nbye,1\nagain,1\n")
+    cfg = method_config(tmp_path, tiny_model, one, "classify")
+    out = tmp_path / "cls"
+    assert main(["train", str(cfg), "--output", str(out)]) == 2
+    _refused(capsys, out, "column 'label' has one label (1) in 3 rows", "at least two")
+    assert main(["check", str(cfg)]) == 2
+    _refused(capsys, out, "has one label")
