@@ -170,7 +170,15 @@ class Guarded:
     """Mixed in before a TRL trainer class: the checks and the crash-safe save of tunelab's own Trainer."""
 
     def training_step(self, *args, **kwargs):
-        loss = super().training_step(*args, **kwargs)
+        try:
+            loss = super().training_step(*args, **kwargs)
+        except RuntimeError as e:
+            # GRPO samples inside the step (GRPOTrainer._prepare_inputs): once the logits overflow, torch's
+            # multinomial raises this before any loss exists. It is the same fault as a nan loss: one line.
+            if "probability tensor contains either `inf`, `nan`" not in str(e):
+                raise
+            raise NonFinite(f"the next-token probabilities are nan/inf while sampling at step "
+                            f"{self.state.global_step + 1}", None) from None
         if not torch.isfinite(loss).all():
             raise NonFinite(f"loss is {loss.item()} at step {self.state.global_step + 1}", None)
         return loss
