@@ -348,3 +348,69 @@ def test_classify_on_a_column_with_one_label_is_refused(tmp_path, tiny_model, ca
     _refused(capsys, out, "column 'label' has one label (1) in 3 rows", "at least two")
     assert main(["check", str(cfg)]) == 2
     _refused(capsys, out, "has one label")
+
+
+# --- tunelab eval of classify and reward runs ------------------------------------------------
+
+
+def _sentiment(path: Path, n: int, seed: int, text: str = "text", label: str = "label") -> Path:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        pos = i % 2
+        w = rng.choice(["good", "great", "fine"] if pos else ["bad", "awful", "poor"])
+        rows.append({text: f"this is {w} {rng.choice(['food', 'day', 'film', 'car', 'view'])}",
+                     label: "pos" if pos else "neg"})
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_eval_of_classify_and_reward_runs(tmp_path, tiny_model, tiny_config, capsys):
+    """`tunelab eval RUN... --tasks task.yaml`: a classify run on `kind: classify` rows (accuracy, macro-F1, 95% CI,
+    paired difference), a reward run on `kind: preference` pairs; any other pairing is one line, exit 2."""
+    cfg = method_config(tmp_path, tiny_model, _sentiment(tmp_path / "train.jsonl", 80, 0), "classify", steps=20)
+    runs = {}
+    for name, steps in (("cls1", 1), ("cls", 20)):
+        runs[name] = tmp_path / name
+        assert main(["train", str(cfg), "--output", str(runs[name]), "--set", "train.learning_rate=3e-3",
+                     "--set", f"train.max_steps={steps}", "--set", "data.test_size=0"]) == 0
+    _sentiment(tmp_path / "held.jsonl", 40, 7, text="sentence", label="y")  # other rows, other column names
+    task = tmp_path / "held.yaml"
+    task.write_text("kind: classify\npath: held.jsonl\ntext: '{sentence}'\nlabel: '{y}'\n")
+    capsys.readouterr()
+    ev = tmp_path / "ev"
+    assert main(["eval", str(runs["cls1"]), str(runs["cls"]), "--tasks", str(task), "--no-cache", "--out", str(ev)]) == 0
+    out = capsys.readouterr().out
+    assert "held (n=40" in out and "acc" in out and "f1" in out and "Δ" in out
+    res = json.loads((ev / "results.json").read_text())
+    acc, lo, hi = res["models"][str(runs["cls"])]["held"]["metrics"]["acc"]
+    assert lo > 0.6 and lo <= acc <= hi, (acc, lo, hi)  # a trained head beats chance (0.5) on held-out rows
+    d = res["diffs"][str(runs["cls"])]["held"]
+    assert d["metric"] == "acc" and d["diff"][1] > 0  # and beats the 1-step run, paired on the same items
+    assert res["models"][str(runs["cls"])]["held"]["per_item"]["outputs"][:2] == ["neg", "pos"]
+
+    # a reward run on held-out pairs in its training format: chosen scored above rejected
+    rw_cfg = method_config(tmp_path, tiny_model, write_pairs(tmp_path / "pairs.jsonl"), "reward", steps=6)
+    rw = tmp_path / "rw"
+    assert main(["train", str(rw_cfg), "--output", str(rw), "--set", "data.test_size=0"]) == 0
+    write_pairs(tmp_path / "held_pairs.jsonl", n=30, seed=5)
+    (tmp_path / "pairs.yaml").write_text("kind: preference\npath: held_pairs.jsonl\n")
+    assert main(["eval", str(rw), "--tasks", str(tmp_path / "pairs.yaml"), "--no-cache", "--out", str(ev)]) == 0
+    res = json.loads((ev / "results.json").read_text())
+    acc, lo, _ = res["models"][str(rw)]["pairs"]["metrics"]["acc"]
+    assert lo > 0.5, acc
+
+    # wrong pairings, before any model is loaded
+    sft = tmp_path / "sft"
+    assert main(["train", str(tiny_config), "--output", str(sft), "--set", "train.max_steps=1"]) == 0
+    gen = tmp_path / "gen.yaml"
+    gen.write_text("kind: generate\npath: held.jsonl\ncontext: '{sentence}'\ntarget: '{y}'\n")
+    capsys.readouterr()
+    for models, tasks, needle in (([str(sft)], task, "task held (kind: classify) scores a train.method=classify run, "
+                                                     f"and {sft} is a causal language model"),
+                                  ([str(runs["cls"]), str(sft)], task, "is a causal language model"),
+                                  ([str(runs["cls"])], gen, "can be evaluated on `kind: classify` tasks only"),
+                                  ([str(rw)], task, "train.method=reward run")):
+        assert main(["eval", *models, "--tasks", str(tasks), "--no-cache"]) == 2
+        err = capsys.readouterr().err
+        assert needle in err.replace("\n", " ") and "Traceback" not in err, err[-1500:]
