@@ -44,7 +44,7 @@ class Item:
 @dataclass
 class Task:
     name: str
-    kind: str  # multiple_choice | generate | perplexity | classify | preference (the last two: tunelab/methods/classify.py)
+    kind: str  # multiple_choice | generate | perplexity | classify | preference (the last two: methods/classify.py)
     items: list[Item]
     fewshot_pool: list[Item] = field(default_factory=list)
     description: str = ""
