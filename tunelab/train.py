@@ -262,14 +262,7 @@ def make_trainer(model, args, s: Setup, run_dir: Path | None = None, interactive
     overfitting watch and the signal handler's callback (benchmarks leave them out)."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    callbacks = [FiniteGradients()]
-    if run_dir is not None:
-        callbacks.append(CommitCheckpoints(run_dir, s.cfg.train.save_total_limit, (s.model_folder, s.cfg.model.name)))
-    if interactive:
-        callbacks += [RichProgress(), OverfitWatch(enabled=s.cfg.eval.overfit_warning), StopOnSignal()]
-    if s.cfg.eval.early_stopping_patience > 0:
-        callbacks.append(EarlyStoppingCallback(s.cfg.eval.early_stopping_patience,
-                                               s.cfg.eval.early_stopping_threshold))
+    callbacks = run_callbacks(s.cfg, run_dir, (s.model_folder, s.cfg.model.name), interactive)
     trainer = TunelabTrainer(model=model, args=args, train_dataset=TokenizedDataset(s.train),
                              eval_dataset=TokenizedDataset(s.evals) if s.evals else None,
                              data_collator=(PackedCollator() if s.cfg.data.packing
@@ -280,6 +273,21 @@ def make_trainer(model, args, s: Setup, run_dir: Path | None = None, interactive
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     return trainer
+
+
+def run_callbacks(cfg: RunConfig, run_dir: Path | None, base: tuple[Path, str] | None = None,
+                  interactive: bool = True) -> list:
+    """The public-hook policies every run's trainer gets, SFT's and each method's (tunelab/methods): no
+    non-finite update reaches the weights, checkpoints committed whole into `run_dir`, progress, the
+    overfitting watch, the signal stop, early stopping."""
+    callbacks = [FiniteGradients()]
+    if run_dir is not None:
+        callbacks.append(CommitCheckpoints(run_dir, cfg.train.save_total_limit, base))
+    if interactive:
+        callbacks += [RichProgress(), OverfitWatch(enabled=cfg.eval.overfit_warning), StopOnSignal()]
+    if cfg.eval.early_stopping_patience > 0:
+        callbacks.append(EarlyStoppingCallback(cfg.eval.early_stopping_patience, cfg.eval.early_stopping_threshold))
+    return callbacks
 
 
 def callback(trainer, cls):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..callbacks import CommitCheckpoints, FiniteGradients, NonFinite, OverfitWatch, StopOnSignal
+from ..callbacks import NonFinite
 from ..config import ConfigError, RunConfig
 from ..models import (
     ModelError,
@@ -27,7 +27,7 @@ from ..models import (
     resolve_model,
 )
 from ..rundir import run_config
-from ..train import Setup, build_model, prepare_quantized, training_arguments
+from ..train import Setup, build_model, prepare_quantized, run_callbacks, training_arguments
 from ..ui import console, warn
 
 LOGGED = ("rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected", "reward", "reward_std",
@@ -180,17 +180,9 @@ class Guarded:
 
 
 def callbacks(cfg: RunConfig, out: Path) -> list:
-    """The public-hook callbacks tunelab's own Trainer gets: no non-finite update reaches the weights
-    (FiniteGradients), checkpoints are written to out/.staging and committed whole (CommitCheckpoints)."""
-    from transformers import EarlyStoppingCallback
-
-    from ..ui import RichProgress
-
-    cbs = [FiniteGradients(), CommitCheckpoints(out, cfg.train.save_total_limit), RichProgress(),
-           OverfitWatch(enabled=cfg.eval.overfit_warning), StopOnSignal()]
-    if cfg.eval.early_stopping_patience > 0:
-        cbs.append(EarlyStoppingCallback(cfg.eval.early_stopping_patience, cfg.eval.early_stopping_threshold))
-    return cbs
+    """The callbacks tunelab's own Trainer gets (train.run_callbacks): FiniteGradients, CommitCheckpoints
+    into `out`, progress, overfitting watch, the signal stop, early stopping."""
+    return run_callbacks(cfg, out)
 
 
 def args_for(cfg: RunConfig, out: Path, s: MethodSetup, args_class, **extra):
