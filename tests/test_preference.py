@@ -197,7 +197,8 @@ grpo:
   max_completion_length: 8
 """)
     out = tmp_path / "grpo"
-    # full fine-tune: a random tiny model is near-uniform, a LoRA on it moves too slowly for a short test
+    # full fine-tune: on this random 2-layer model the toy reward rises only through the (tied) output head,
+    # which LoRA leaves frozen: with LoRA, or full with the head frozen, it stays flat (README, GRPO)
     assert main(["train", str(cfg), "--output", str(out), "--set", "train.per_device_train_batch_size=8",
                  "--set", "lora.enabled=false", "--set", "train.learning_rate=3e-2"]) == 0
     rewards = [h["reward"] for h in _history(out) if "reward" in h]
@@ -307,3 +308,110 @@ def test_classify_on_real_csv_rows(tmp_path, tiny_model, capsys):
     out2 = tmp_path / "one"
     assert main(["train", str(cfg), "--output", str(out2), "--set", f"data.path={one}"]) == 2
     _refused(capsys, out2, "has one label (1)", "at least two")
+
+
+def test_method_section_in_another_methods_run_is_refused_even_at_defaults(tmp_path, tiny_config, capsys):
+    """`dpo: {beta: 0.1}` (beta's default) in an SFT run: the YAML was meant for DPO; its presence is the error."""
+    import yaml
+
+    from tunelab.config import load_config, save_config
+
+    out = tmp_path / "out"
+    base = tiny_config.read_text()
+    for extra, needles in (("dpo:\n  beta: 0.1\n", ["run.yaml:", "dpo.beta is a dpo setting, but train.method is sft"]),
+                           ("grpo:\n  num_generations: 4\n", ["grpo.num_generations is a grpo setting"]),
+                           ("kto: {}\n", ["the kto: section is for train.method=kto, but train.method is sft"])):
+        tiny_config.write_text(base + extra)
+        assert main(["train", str(tiny_config), "--output", str(out)]) == 2
+        _refused(capsys, out, *needles)
+    tiny_config.write_text(base)
+    assert main(["train", str(tiny_config), "--output", str(out), "--set", "dpo.beta=0.1"]) == 2
+    _refused(capsys, out, "--set: dpo.beta is a dpo setting, but train.method is sft")
+    # the section of the run's own method is fine, and a saved run config (or `tunelab config`'s output)
+    # holds only that one, so it loads back as a valid config
+    cfg, _ = load_config(tiny_config, ["train.method=dpo", "dpo.beta=0.1"])
+    save_config(cfg, tmp_path / "saved.yaml")
+    saved = yaml.safe_load((tmp_path / "saved.yaml").read_text())
+    assert "dpo" in saved and not {"kto", "orpo", "simpo", "grpo", "classify"} & set(saved)
+    assert load_config(tmp_path / "saved.yaml")[0].dpo.beta == 0.1
+    cfg, _ = load_config(tiny_config)
+    save_config(cfg, tmp_path / "sft.yaml")
+    assert "dpo" not in yaml.safe_load((tmp_path / "sft.yaml").read_text())
+    load_config(tmp_path / "sft.yaml")
+
+
+def test_classify_on_a_column_with_one_label_is_refused(tmp_path, tiny_model, capsys):
+    one = tmp_path / "one.csv"
+    one.write_text("text,label\nhello,1\nbye,1\nagain,1\n")
+    cfg = method_config(tmp_path, tiny_model, one, "classify")
+    out = tmp_path / "cls"
+    assert main(["train", str(cfg), "--output", str(out)]) == 2
+    _refused(capsys, out, "column 'label' has one label (1) in 3 rows", "at least two")
+    assert main(["check", str(cfg)]) == 2
+    _refused(capsys, out, "has one label")
+
+
+# --- tunelab eval of classify and reward runs ------------------------------------------------
+
+
+def _sentiment(path: Path, n: int, seed: int, text: str = "text", label: str = "label") -> Path:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        pos = i % 2
+        w = rng.choice(["good", "great", "fine"] if pos else ["bad", "awful", "poor"])
+        rows.append({text: f"this is {w} {rng.choice(['food', 'day', 'film', 'car', 'view'])}",
+                     label: "pos" if pos else "neg"})
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_eval_of_classify_and_reward_runs(tmp_path, tiny_model, tiny_config, capsys):
+    """`tunelab eval RUN... --tasks task.yaml`: a classify run on `kind: classify` rows (accuracy, macro-F1, 95% CI,
+    paired difference), a reward run on `kind: preference` pairs; any other pairing is one line, exit 2."""
+    cfg = method_config(tmp_path, tiny_model, _sentiment(tmp_path / "train.jsonl", 80, 0), "classify", steps=20)
+    runs = {}
+    for name, steps in (("cls1", 1), ("cls", 20)):
+        runs[name] = tmp_path / name
+        assert main(["train", str(cfg), "--output", str(runs[name]), "--set", "train.learning_rate=3e-3",
+                     "--set", f"train.max_steps={steps}", "--set", "data.test_size=0"]) == 0
+    _sentiment(tmp_path / "held.jsonl", 40, 7, text="sentence", label="y")  # other rows, other column names
+    task = tmp_path / "held.yaml"
+    task.write_text("kind: classify\npath: held.jsonl\ntext: '{sentence}'\nlabel: '{y}'\n")
+    capsys.readouterr()
+    ev = tmp_path / "ev"
+    assert main(["eval", str(runs["cls1"]), str(runs["cls"]), "--tasks", str(task), "--no-cache", "--out", str(ev)]) == 0
+    out = capsys.readouterr().out
+    assert "held (n=40" in out and "acc" in out and "f1" in out and "Δ" in out
+    res = json.loads((ev / "results.json").read_text())
+    acc, lo, hi = res["models"][str(runs["cls"])]["held"]["metrics"]["acc"]
+    assert lo > 0.6 and lo <= acc <= hi, (acc, lo, hi)  # a trained head beats chance (0.5) on held-out rows
+    d = res["diffs"][str(runs["cls"])]["held"]
+    assert d["metric"] == "acc" and d["diff"][1] > 0  # and beats the 1-step run, paired on the same items
+    assert res["models"][str(runs["cls"])]["held"]["per_item"]["outputs"][:2] == ["neg", "pos"]
+
+    # a reward run on held-out pairs in its training format: chosen scored above rejected
+    rw_cfg = method_config(tmp_path, tiny_model, write_pairs(tmp_path / "pairs.jsonl"), "reward", steps=6)
+    rw = tmp_path / "rw"
+    assert main(["train", str(rw_cfg), "--output", str(rw), "--set", "data.test_size=0"]) == 0
+    write_pairs(tmp_path / "held_pairs.jsonl", n=30, seed=5)
+    (tmp_path / "pairs.yaml").write_text("kind: preference\npath: held_pairs.jsonl\n")
+    assert main(["eval", str(rw), "--tasks", str(tmp_path / "pairs.yaml"), "--no-cache", "--out", str(ev)]) == 0
+    res = json.loads((ev / "results.json").read_text())
+    acc, lo, _ = res["models"][str(rw)]["pairs"]["metrics"]["acc"]
+    assert lo > 0.5, acc
+
+    # wrong pairings, before any model is loaded
+    sft = tmp_path / "sft"
+    assert main(["train", str(tiny_config), "--output", str(sft), "--set", "train.max_steps=1"]) == 0
+    gen = tmp_path / "gen.yaml"
+    gen.write_text("kind: generate\npath: held.jsonl\ncontext: '{sentence}'\ntarget: '{y}'\n")
+    capsys.readouterr()
+    for models, tasks, needle in (([str(sft)], task, "task held (kind: classify) scores a train.method=classify run, "
+                                                     f"and {sft} is a causal language model"),
+                                  ([str(runs["cls"]), str(sft)], task, "is a causal language model"),
+                                  ([str(runs["cls"])], gen, "can be evaluated on `kind: classify` tasks only"),
+                                  ([str(rw)], task, "train.method=reward run")):
+        assert main(["eval", *models, "--tasks", str(tasks), "--no-cache"]) == 2
+        err = capsys.readouterr().err
+        assert needle in err.replace("\n", " ") and "Traceback" not in err, err[-1500:]

@@ -253,3 +253,78 @@ def test_methods_kill9_sigterm_resume_equal_uninterrupted(tmp_path, tiny_model, 
     assert r.returncode == 0, r.stderr.decode()[-2000:]
     _assert_complete_checkpoints(out)
     assert _max_diff(ref / "final" / "adapter_model.safetensors", out / "final" / "adapter_model.safetensors") < 1e-5
+
+
+def _method_run(tmp_path, tiny_model, alpaca_file, method, steps):
+    from test_preference import REWARDS, method_config, write_pairs
+
+    (tmp_path / "toy_rewards.py").write_text(REWARDS)
+    data = write_pairs(tmp_path / "pairs.jsonl") if method == "dpo" else alpaca_file
+    extra = "grpo:\n  rewards: [toy_rewards:vowels]\n  num_generations: 2\n  max_completion_length: 6" \
+        if method == "grpo" else ""
+    return method_config(tmp_path, tiny_model, data, method, extra=extra, steps=steps)
+
+
+def _finite_checkpoints(out: Path) -> list[str]:
+    names = []
+    for ck in sorted(out.glob("checkpoint-*")):
+        for name in ("trainer_state.json", "optimizer.pt", "scheduler.pt"):
+            assert (ck / name).is_file(), f"{ck.name} lacks {name}"
+        weights = list(ck.glob("*.safetensors"))
+        assert weights, f"{ck.name} holds no weights"
+        for f in weights:
+            assert all(t.isfinite().all() for t in load_file(f).values()), f"{ck.name} holds non-finite weights"
+        names.append(ck.name)
+    return names
+
+
+@pytest.mark.parametrize("method", ["dpo", "grpo"])
+def test_methods_nonfinite_gradient_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_model, alpaca_file, capsys,
+                                                                         monkeypatch, method):
+    """Issue 12.9: a nan gradient with a finite loss (poisoned at the 3rd backward) stops a DPO/GRPO run with
+    the one-line message before optimizer.step(); checkpoints 1-2 stay, finite. Without FiniteGradients among
+    the method trainer's callbacks the nan update would be applied and saved (max_grad_norm=0: no clipping)."""
+    import tunelab.methods.run as mrun
+
+    real = mrun.build_model
+
+    def poisoned(s):  # full fine-tune: load_causal returns build_model's model as the policy
+        model = real(s)
+        p = next(p for n, p in model.named_parameters() if p.requires_grad and "layers.1.mlp.down_proj" in n)
+        calls = [0]
+
+        def hook(g):
+            calls[0] += 1
+            return g * float("nan") if calls[0] == 3 else g
+
+        p.register_hook(hook)
+        return model
+
+    monkeypatch.setattr(mrun, "build_model", poisoned)
+    cfg = _method_run(tmp_path, tiny_model, alpaca_file, method, steps=5)
+    out = tmp_path / "run"
+    code = main(["train", str(cfg), "--output", str(out), "--set", "lora.enabled=false", "--set", "train.save_steps=1",
+                 "--set", "train.max_grad_norm=0", "--set", "train.learning_rate=1e-4", "--set", "train.report_to=[]"])
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    line = [l for l in err.splitlines() if "error:" in l][-1]
+    assert "gradient norm is nan at step 3" in line and "last good checkpoint: checkpoint-2" in line, line
+    assert "Traceback" not in err
+    assert _finite_checkpoints(out) == ["checkpoint-1", "checkpoint-2"]
+    assert not (out / "final").exists() and not list(out.glob(".staging*"))
+
+
+@pytest.mark.parametrize("method", ["dpo", "grpo"])
+def test_methods_nan_loss_stops_without_saving_bad_weights(tmp_path, tiny_model, alpaca_file, capsys, method):
+    """A learning rate of 1e30 blows the weights up: the DPO/GRPO run ends with one line, exit 2, and every
+    checkpoint it left holds finite weights (the SFT test above, for the methods)."""
+    cfg = _method_run(tmp_path, tiny_model, alpaca_file, method, steps=20)
+    out = tmp_path / "run"
+    code = main(["train", str(cfg), "--output", str(out), "--set", "train.save_steps=1",
+                 "--set", "train.learning_rate=1e30", "--set", "train.max_grad_norm=0", "--set", "train.report_to=[]"])
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    line = [l for l in err.splitlines() if "error:" in l][-1]
+    assert ("nan" in line or "inf" in line) and "at step" in line and "last good checkpoint: checkpoint-" in line, line
+    assert "Traceback" not in err
+    assert _finite_checkpoints(out) and not (out / "final").exists()

@@ -29,6 +29,9 @@ from .methods.sections import (
     SimpoConfig,
     check_sections,
 )
+from .methods.sections import (
+    SECTIONS as METHOD_SECTIONS,
+)
 
 
 class ConfigError(ValueError):
@@ -204,7 +207,10 @@ class RunConfig:
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every section, except the method sections of other methods (a saved run config or `tunelab
+        config`'s output is a valid config: another method's section there is an error)."""
+        others = set(METHOD_SECTIONS) - {self.train.method}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in others}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,8 +351,9 @@ def _apply(cfg: RunConfig, data: Any, where_of) -> None:
             setattr(obj, key, _coerce(value, types_[key], where_of(dotted) + f": {dotted}"))
 
 
-def validate(cfg: RunConfig, where_of=lambda k: k) -> list[str]:
-    """Check values that a type can't express. Returns warnings; raises ConfigError on errors."""
+def validate(cfg: RunConfig, where_of=lambda k: k, written: set[str] | None = None) -> list[str]:
+    """Check values that a type can't express. Returns warnings; raises ConfigError on errors.
+    `written`: the dotted keys the file and --set flags hold (a method section's presence is checked)."""
     warnings: list[str] = []
     for dotted, options in CHOICES.items():
         sec, key = dotted.split(".")
@@ -432,7 +439,7 @@ def validate(cfg: RunConfig, where_of=lambda k: k) -> list[str]:
     if e.early_stopping_patience and not (d.test_size > 0 or d.eval_path):
         _fail(where_of("eval.early_stopping_patience"),
               "early stopping needs evaluation data: set data.test_size or data.eval_path")
-    check_sections(cfg, where_of, _fail, _did_you_mean)
+    check_sections(cfg, where_of, _fail, _did_you_mean, written)
     if t.method == "sft" and not 1e-5 <= t.learning_rate <= 5e-4:
         warnings.append(f"train.learning_rate={t.learning_rate:g} is outside the usual 1e-5..5e-4 for LoRA/SFT")
     return warnings
@@ -536,7 +543,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             return "--set"
         return where_file(dotted)
 
-    warnings = validate(cfg, where)
+    warnings = validate(cfg, where, set(lines) | override_keys)
     return cfg, warnings
 
 

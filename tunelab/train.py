@@ -271,14 +271,7 @@ def make_trainer(model, args, s: Setup, run_dir: Path | None = None, interactive
     overfitting watch and the signal handler's callback (benchmarks leave them out)."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    callbacks = [FiniteGradients()]
-    if run_dir is not None:
-        callbacks.append(CommitCheckpoints(run_dir, s.cfg.train.save_total_limit, (s.model_folder, s.cfg.model.name)))
-    if interactive:
-        callbacks += [RichProgress(), OverfitWatch(enabled=s.cfg.eval.overfit_warning), StopOnSignal()]
-    if s.cfg.eval.early_stopping_patience > 0:
-        callbacks.append(EarlyStoppingCallback(s.cfg.eval.early_stopping_patience,
-                                               s.cfg.eval.early_stopping_threshold))
+    callbacks = run_callbacks(s.cfg, run_dir, (s.model_folder, s.cfg.model.name), interactive)
     trainer = TunelabTrainer(model=model, args=args, train_dataset=TokenizedDataset(s.train),
                              eval_dataset=TokenizedDataset(s.evals) if s.evals else None,
                              data_collator=(PackedCollator() if s.cfg.data.packing
@@ -291,6 +284,21 @@ def make_trainer(model, args, s: Setup, run_dir: Path | None = None, interactive
     return trainer
 
 
+def run_callbacks(cfg: RunConfig, run_dir: Path | None, base: tuple[Path, str] | None = None,
+                  interactive: bool = True) -> list:
+    """The public-hook policies every run's trainer gets, SFT's and each method's (tunelab/methods): no
+    non-finite update reaches the weights, checkpoints committed whole into `run_dir`, progress, the
+    overfitting watch, the signal stop, early stopping."""
+    callbacks = [FiniteGradients()]
+    if run_dir is not None:
+        callbacks.append(CommitCheckpoints(run_dir, cfg.train.save_total_limit, base))
+    if interactive:
+        callbacks += [RichProgress(), OverfitWatch(enabled=cfg.eval.overfit_warning), StopOnSignal()]
+    if cfg.eval.early_stopping_patience > 0:
+        callbacks.append(EarlyStoppingCallback(cfg.eval.early_stopping_patience, cfg.eval.early_stopping_threshold))
+    return callbacks
+
+
 def callback(trainer, cls):
     return next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, cls)), None)
 
@@ -299,12 +307,67 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def run(cfg: RunConfig, out: Path, *, resume: bool = False, config_dir: Path | None = None) -> dict:
-    """Train one run into `out`. Returns the summary (also written to out/summary.json)."""
-    if cfg.train.method != "sft":  # DPO, GRPO, KTO, ORPO, SimPO, reward, classify: tunelab/methods
-        from .methods.run import run_method
+class SftRecipe:
+    """What `run` does that is SFT's own: tunelab's data pipeline and preflight, its model and Trainer.
+    The methods past SFT have theirs in tunelab/methods/run.py (MethodRecipe); the rest of a run (the
+    run folder, resume, signals, the fault messages, the final save, summary.json) is `run`'s, for all."""
 
-        return run_method(cfg, out, resume=resume, config_dir=config_dir)
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.label = (("QLoRA (4-bit base)" if cfg.quantization.load_in_4bit else "LoRA") if cfg.lora.enabled
+                      else "full fine-tune")  # summary.json "method"
+
+    def setup(self, config_dir: Path | None) -> Setup:
+        cfg = self.cfg
+        s = setup_data(cfg, config_dir)
+        report = check_examples(s)  # the preflight's fatal checks run before every training run
+        if report.errors:
+            raise PreflightError(report.errors[0])
+        for w in report.warnings:
+            warn(w)
+        if s.pad_note:
+            console.print(f"[dim]tokenizer: {s.pad_note}[/dim]")
+        precision = pick_precision(cfg.model.dtype, s.device)
+        dw = dtype_warning(precision.compute, s.device)
+        if dw:
+            warn(dw)
+        console.print(f"precision: {precision.name} ({precision.reason})")
+        console.print(f"[bold]tunelab[/bold] {self.label} of {cfg.model.name} on {s.device}, compute dtype "
+                      f"{precision.name}; {s.stats.train_rows} train / {s.stats.eval_rows} eval rows")
+        console.print(f"[dim]{_plan_call('memory_line', cfg, s) or 'plan: no estimate for this model'}[/dim]")
+        return s
+
+    def trainer(self, s: Setup, out: Path):
+        model = build_model(s)
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        n_all = sum(p.numel() for p in model.parameters())
+        console.print(f"trainable parameters: {n_train:,} of {n_all:,} ({100 * n_train / n_all:.2f}%)")
+        args = training_arguments(self.cfg, out, s.device, s.dtype, has_eval=bool(s.evals))
+        return make_trainer(model, args, s, run_dir=out)
+
+    def data_stats(self, s: Setup) -> dict:
+        return s.stats.to_dict()
+
+    def base_folder(self, s: Setup) -> Path | None:
+        """The base whose fingerprint goes beside the saved model (None: not written)."""
+        return s.model_folder
+
+    def summarize(self, trainer, s: Setup, summary: dict) -> None:
+        pass
+
+    def before_save(self, trainer) -> None:
+        pass
+
+    def done(self, trainer, s: Setup, summary: dict, final: Path) -> None:
+        before = (f"{summary['first_eval_loss']} at step {summary['first_eval_step']} -> "
+                  if summary["first_eval_step"] is not None and summary["first_eval_step"] < summary["global_step"]
+                  else "")
+        console.print(f"[green]done[/green]: {summary['global_step']} steps, train loss {summary['train_loss']}, "
+                      f"eval loss {before}{summary['eval_loss']}; model in {final}")
+
+
+def run(cfg: RunConfig, out: Path, *, resume: bool = False, config_dir: Path | None = None) -> dict:
+    """Train one run into `out`, any train.method. Returns the summary (also written to out/summary.json)."""
     t0 = time.perf_counter()
     # Under accelerate/torchrun every process runs this; only the main one checks and writes the run folder.
     main = int(os.environ.get("RANK", "0")) == 0
@@ -315,42 +378,26 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, config_dir: Path | N
                           f"--set train.max_steps=N")
 
     # --- setup -------------------------------------------------------------------------------
-    s = setup_data(cfg, config_dir)
-    report = check_examples(s)  # the preflight's fatal checks run before every training run
-    if report.errors:
-        raise PreflightError(report.errors[0])
-    for w in report.warnings:
-        warn(w)
-    if s.pad_note:
-        console.print(f"[dim]tokenizer: {s.pad_note}[/dim]")
-    precision = pick_precision(cfg.model.dtype, s.device)
-    dw = dtype_warning(precision.compute, s.device)
-    if dw:
-        warn(dw)
-    console.print(f"precision: {precision.name} ({precision.reason})")
-    method = (("QLoRA (4-bit base)" if cfg.quantization.load_in_4bit else "LoRA") if cfg.lora.enabled
-              else "full fine-tune")
-    console.print(f"[bold]tunelab[/bold] {method} of {cfg.model.name} on {s.device}, compute dtype "
-                  f"{precision.name}; {s.stats.train_rows} train / {s.stats.eval_rows} eval rows")
-    console.print(f"[dim]{_plan_call('memory_line', cfg, s) or 'plan: no estimate for this model'}[/dim]")
+    if cfg.train.method == "sft":
+        recipe = SftRecipe(cfg)
+    else:  # DPO, GRPO, KTO, ORPO, SimPO, reward, classify: TRL's trainers, tunelab/methods
+        from .methods.run import MethodRecipe
+
+        recipe = MethodRecipe(cfg)
+    s = recipe.setup(config_dir)
     from transformers import set_seed
 
     set_seed(cfg.train.seed)  # LoRA's A matrices are drawn at wrap time: seed before, not only in Trainer
-    model = build_model(s)  # before anything is written: a model that won't load leaves no run folder behind
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
+    # before anything is written: a model that won't load or a trainer that refuses leaves no run folder
+    trainer = recipe.trainer(s, out)
     if main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / CONFIG)
-        atomic_write_text(out / "data_stats.json", json.dumps(s.stats.to_dict(), indent=2, ensure_ascii=False))
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_all = sum(p.numel() for p in model.parameters())
-    console.print(f"trainable parameters: {n_train:,} of {n_all:,} ({100 * n_train / n_all:.2f}%)")
+        atomic_write_text(out / "data_stats.json", json.dumps(recipe.data_stats(s), indent=2, ensure_ascii=False))
+        remove_tree(out / STAGING)  # the Trainer creates its output_dir up front; it exists only during a save
 
     # --- train -------------------------------------------------------------------------------
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
-    args = training_arguments(cfg, out, s.device, s.dtype, has_eval=bool(s.evals))
-    trainer = make_trainer(model, args, s, run_dir=out)
-    if main:
-        remove_tree(out / STAGING)  # the Trainer creates its output_dir up front; it exists only during a save
     if checkpoint is not None:
         console.print(f"resuming from {checkpoint.name}")
     stop = callback(trainer, StopOnSignal)
@@ -371,14 +418,14 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, config_dir: Path | N
             rows = f" in the batch of rows {', '.join(wheres[:4])}" if wheres else ""
         raise TrainingError(f"{e.what}{rows}: training stopped, the bad update was not applied or saved; "
                             f"last good checkpoint: {last.name if last else 'none'} (try a lower "
-                            f"train.learning_rate or check those rows)") from None
+                            f"train.learning_rate{' or check those rows' if e.rows is not None else ''})") from None
     except Exception as e:
         if (out / STAGING).exists():
             raise save_failed(e, out, main) from None
         if torch.distributed.is_available() and torch.distributed.is_initialized() and _is_collective_failure(e):
             raise TrainingError(f"process {os.environ.get('RANK', '?')} stopped: waiting on the other processes "
                                 f"failed ({str(e).splitlines()[0][:160]}); a collective waits at most "
-                                f"{args.ddp_timeout}s (tunelab train --collective-timeout). Another process "
+                                f"{trainer.args.ddp_timeout}s (tunelab train --collective-timeout). Another process "
                                 f"died or hangs: see its message above") from None
         raise
     finally:
@@ -386,18 +433,21 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, config_dir: Path | N
             signal.signal(sig, h)
 
     # --- save --------------------------------------------------------------------------------
-    summary = make_summary(trainer, result, s, out, time.perf_counter() - t0, method)
+    summary = make_summary(trainer, result, s, out, time.perf_counter() - t0, recipe.label)
+    recipe.summarize(trainer, s, summary)
     if stop.signum is not None:
         summary["status"] = "interrupted"
         summary["signal"] = signal.Signals(stop.signum).name
         summary["early_stopped"] = False
     else:
         final, staging = out / FINAL, out / ".staging-final"
+        recipe.before_save(trainer)
         try:  # every process calls save_model (sharded setups gather collectively); the main one writes
             save_final_model(trainer, staging, main)
             if main:
                 s.tokenizer.save_pretrained(str(staging))
-                write_base_fingerprint(staging, s.model_folder, cfg.model.name)
+                if recipe.base_folder(s) is not None:
+                    write_base_fingerprint(staging, recipe.base_folder(s), cfg.model.name)
                 commit_dir(staging, final)
         except Exception as e:
             if main:
@@ -406,11 +456,7 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, config_dir: Path | N
                 raise TrainingError(f"disk full while saving {final}; the checkpoints are intact") from None
             raise
         trainer.accelerator.wait_for_everyone()
-        before = (f"{summary['first_eval_loss']} at step {summary['first_eval_step']} -> "
-                  if summary["first_eval_step"] is not None and summary["first_eval_step"] < summary["global_step"]
-                  else "")
-        console.print(f"[green]done[/green]: {summary['global_step']} steps, train loss {summary['train_loss']}, "
-                      f"eval loss {before}{summary['eval_loss']}; model in {final}")
+        recipe.done(trainer, s, summary, final)
     if main:
         atomic_write_text(out / SUMMARY, json.dumps(summary, indent=2))
     return summary

@@ -31,7 +31,9 @@ from .stats import (
 )
 from .tasks import Item, TaskError, load_task
 
-PRIMARY = {"multiple_choice": "acc", "generate": "exact_match", "perplexity": "loss", "loglikelihood": "acc"}
+PRIMARY = {"multiple_choice": "acc", "generate": "exact_match", "perplexity": "loss", "loglikelihood": "acc",
+           "classify": "acc", "preference": "acc"}
+HEAD_KINDS = {"classify": "classify", "reward": "preference"}  # run method with a classification head -> task kind
 
 
 def add_parser(sub) -> None:
@@ -96,8 +98,13 @@ def resolve_tasks(spec: str) -> list:
 
 def score_task(loaded, task, items, cache: Cache | None, batch_size: int, progress) -> dict:
     """Per-item scores for one model on one task: {metric: [values]} (+ 'outputs' for generation)."""
-    fp = model_fingerprint(loaded)
     bar = progress.add_task(f"{task.name}", total=len(items))
+    if task.kind in ("classify", "preference"):  # a classify/reward run's head (tunelab/methods/classify.py)
+        from ..methods.classify import score_classify, score_preference
+
+        score = score_classify if task.kind == "classify" else score_preference
+        return score(loaded, task, items, batch_size, lambda n: progress.advance(bar, n))
+    fp = model_fingerprint(loaded)
     per: dict[str, list] = {}
     if task.kind == "multiple_choice":
         ctxs = [wrap_context(loaded, task, it.context) for it in items]
@@ -256,9 +263,11 @@ def cmd_eval(args) -> int:
     tasks = resolve_tasks(args.tasks)  # unknown names and malformed files fail before any model loads
     if args.limit is not None and (args.limit <= 0 or (args.limit > 1 and args.limit != int(args.limit))):
         raise TaskError(f"--limit must be a whole number of items or a fraction in (0, 1], got {args.limit}")
+    heads = _check_heads(args.models, tasks)  # a causal LM on a classify task (or the reverse): before any load
     prepared = []
     for t in tasks:
-        items = t.with_fewshot(args.fewshot, args.seed) if t.kind != "perplexity" else t.items
+        items = t.with_fewshot(args.fewshot, args.seed) if t.kind not in ("perplexity", "classify", "preference") \
+            else t.items
         if args.limit is not None:  # lm-eval: a limit < 1.0 is a fraction of the items, rounded up
             items = items[: int(math.ceil(len(items) * args.limit)) if args.limit < 1.0 else int(args.limit)]
         prepared.append((t, items))
@@ -269,7 +278,12 @@ def cmd_eval(args) -> int:
                                for t, items in prepared}, "models": {}, "diffs": {}, "lm_eval": {}}
     t0 = time.perf_counter()
     for spec in args.models:
-        loaded = load_for_inference(spec)
+        if heads[spec]:
+            from ..methods.classify import load_head
+
+            loaded = load_head(spec)
+        else:
+            loaded = load_for_inference(spec)
         results["models"][spec] = {}
         with Progress(TextColumn(f"[bold]{Path(spec).name or spec}[/bold] {{task.description}}"), BarColumn(),
                       MofNCompleteColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
@@ -298,6 +312,25 @@ def cmd_eval(args) -> int:
         atomic_write_text(out / "results.json", json.dumps(results, indent=1, ensure_ascii=False))
         console.print(f"results in {out / 'results.json'}")
     return 0
+
+
+def _check_heads(models: list[str], tasks) -> dict:
+    """{spec: 'classify' | 'reward' | None}. A classify run is scored on `kind: classify` tasks only, a reward run
+    on `kind: preference` only, and those tasks need such a run: any other pairing is one line, exit 2."""
+    from ..methods.classify import head_method
+
+    heads = {spec: head_method(spec) for spec in models}
+    for spec, method in heads.items():
+        for t in tasks:
+            need = next((m for m, k in HEAD_KINDS.items() if k == t.kind), None)
+            if method is None and need is not None:
+                raise TaskError(f"task {t.name} (kind: {t.kind}) scores a train.method={need} run, and {spec} is a "
+                                f"causal language model; give it a {need} run folder")
+            if method is not None and t.kind != HEAD_KINDS[method]:
+                raise TaskError(f"{spec} is a train.method={method} run (a classification head, no text generation); "
+                                f"it can be evaluated on `kind: {HEAD_KINDS[method]}` tasks only, not {t.name} "
+                                f"(kind: {t.kind})")
+    return heads
 
 
 def fmt_ci(v: list[float], pct: bool = True) -> str:

@@ -37,12 +37,14 @@ class Item:
     response: str = ""  # perplexity: the scored text; generate: a solved example's worked answer
     description: str | None = None  # this item's description (MMLU over all subjects: its subject's)
     pool: list[Item] | None = field(default=None, repr=False)  # this item's few-shot pool (MMLU: its dev split)
+    text_pair: str | None = None  # classify: an optional second text, encoded as a pair (as classify.text_pair_field)
+    row: dict | None = field(default=None, repr=False)  # preference: the data row, read with the reward run's data.*
 
 
 @dataclass
 class Task:
     name: str
-    kind: str  # multiple_choice | generate | perplexity
+    kind: str  # multiple_choice | generate | perplexity | classify | preference (the last two: methods/classify.py)
     items: list[Item]
     fewshot_pool: list[Item] = field(default_factory=list)
     description: str = ""
@@ -63,7 +65,8 @@ class Task:
     def __post_init__(self):
         if not self.metrics:
             self.metrics = {"multiple_choice": ["acc", "acc_norm"], "generate": ["exact_match"],
-                            "perplexity": ["loss", "perplexity"]}.get(self.kind, [])
+                            "perplexity": ["loss", "perplexity"], "classify": ["acc", "f1"],
+                            "preference": ["acc"]}.get(self.kind, [])
 
     def with_fewshot(self, k: int | None, seed: int = 1234) -> list[Item]:
         """Items with k solved examples prepended (lm-eval's layout: description, shots joined by the few-shot
@@ -253,7 +256,8 @@ BUILTIN = {
     **{f"kobest_{n}": (lambda n=n: kobest(n)) for n in KOBEST_DIRS},
 }
 TASK_FILE_KEYS = {"name", "kind", "path", "context", "choices", "gold", "target", "response", "target_delimiter",
-                  "description", "regex", "max_new_tokens", "stop", "fewshot_path", "template"}
+                  "description", "regex", "max_new_tokens", "stop", "fewshot_path", "template", "text", "label",
+                  "text_pair"}
 
 
 def fill_template(template, row: dict, where: str):
@@ -272,7 +276,7 @@ def fill_template(template, row: dict, where: str):
         raise TaskError(f"{where}: no field {e} (has: {', '.join(row)})") from None
 
 
-TEMPLATE_FIELDS = ("context", "choices", "gold", "target", "response")
+TEMPLATE_FIELDS = ("context", "choices", "gold", "target", "response", "text", "label", "text_pair")
 
 
 def _check_template(value, where: str, key: str) -> None:
@@ -287,7 +291,7 @@ def _check_template(value, where: str, key: str) -> None:
         raise TaskError(f"{where}: field '{key}' is a YAML mapping ({value}); quote the template: "
                         f'{key}: "{{{next(iter(value), "field")}}}"')
     if not isinstance(value, str):
-        if isinstance(value, (int, float, bool)) and key in ("gold", "target"):
+        if isinstance(value, (int, float, bool)) and key in ("gold", "target", "label"):
             return
         raise TaskError(f"{where}: field '{key}' must be a template string, got {type(value).__name__}")
     if "{{" in value or "}}" in value:
@@ -341,10 +345,14 @@ def load_task_file(path: Path) -> Task:
         if k not in TASK_FILE_KEYS:
             raise TaskError(f"{path}:{lines.get(k, 1)}: unknown key '{k}' (known: {', '.join(sorted(TASK_FILE_KEYS))})")
     kind = spec.get("kind", "multiple_choice")
-    if kind not in ("multiple_choice", "generate", "perplexity"):
-        raise TaskError(f"{path}:{lines.get('kind', 1)}: kind must be multiple_choice, generate or perplexity")
+    if kind not in ("multiple_choice", "generate", "perplexity", "classify", "preference"):
+        raise TaskError(f"{path}:{lines.get('kind', 1)}: kind must be multiple_choice, generate, perplexity, classify "
+                        f"or preference")
+    # classify: text/label rows for a train.method=classify run; preference: a file of pairs in the reward
+    # run's training format (its data.format/fields/template), scored chosen-above-rejected
     for k in {"multiple_choice": ("path", "context", "choices", "gold"), "generate": ("path", "context", "target"),
-              "perplexity": ("path", "context", "response")}[kind]:
+              "perplexity": ("path", "context", "response"), "classify": ("path", "text", "label"),
+              "preference": ("path",)}[kind]:
         if k not in spec:
             raise TaskError(f"{path}: missing key '{k}' for a {kind} task")
     for k in TEMPLATE_FIELDS:
@@ -363,6 +371,15 @@ def load_task_file(path: Path) -> Task:
         out = []
         for row in rows:
             where = f"{data_path}:{row.get('__line__', '?')}"
+            if kind == "preference":
+                out.append(Item(where, row=row))
+                continue
+            if kind == "classify":
+                pair = fill_template(spec["text_pair"], row, where) if "text_pair" in spec else None
+                out.append(Item(str(fill_template(spec["text"], row, where)),
+                                target=str(fill_template(spec["label"], row, where)).strip(),
+                                text_pair=None if pair is None else str(pair)))
+                continue
             ctx = fill_template(spec["context"], row, where)
             if kind == "multiple_choice":
                 choices = fill_template(spec["choices"], row, where)

@@ -193,3 +193,143 @@ def held_out_accuracy(trainer, s: MethodSetup) -> dict:
     majority = collections.Counter(pred.label_ids.tolist()).most_common(1)[0][1] / len(pred.label_ids)
     return {"eval_accuracy": round(acc, 4), "eval_accuracy_ci95": [round(lo, 4), round(hi, 4)],
             "eval_rows": len(correct), "eval_majority_label_share": round(majority, 4)}
+
+
+# ---------------------------------------------------------------------------------------------
+# `tunelab eval` of a classify or reward run (tasks of kind classify / preference, tunelab/evaluate)
+
+
+def head_method(spec: str) -> str | None:
+    """'classify' or 'reward' when `spec` is a run folder (or one of its checkpoints) trained with a
+    classification head, else None (a model spec, a causal-LM run). Reads only the run's config.yaml."""
+    from ..rundir import find_run, run_config
+
+    p = Path(spec).expanduser()
+    if not p.is_dir():
+        return None
+    run, _ = find_run(p)
+    if run is None:
+        return None
+    method = run_config(run).train.method
+    return method if method in ("classify", "reward") else None
+
+
+@dataclass
+class Head:
+    """A classify/reward run loaded for evaluation."""
+
+    model: object
+    tokenizer: object
+    labels: list[str]
+    cfg: object
+    name: str
+    device: str
+
+
+def load_head(spec: str, device: str = "auto") -> Head:
+    """The run's AutoModelForSequenceClassification as training built it (base + its SEQ_CLS adapter, whose
+    saved modules include the trained head; or a full fine-tune's weights), in eval mode."""
+    import json
+
+    from transformers import AutoModelForSequenceClassification
+
+    from ..models import check_adapter_base, load_tokenizer, pick_device, pick_dtype
+    from ..rundir import find_run, run_config
+    from .run import resolve_start
+
+    run, weights = find_run(Path(spec).expanduser())
+    rc = run_config(run)
+    method = rc.train.method
+    labels = [] if method == "reward" else json.loads((run / "data_stats.json").read_text())["labels"]
+    dev = pick_device(device)
+    dt = pick_dtype(rc.model.dtype, dev)
+    full = (weights / "config.json").is_file() and not (weights / "adapter_config.json").is_file()
+    base = weights if full else resolve_start(rc.model.name, rc.model.revision).base_folder
+    tok, _ = load_tokenizer(weights if (weights / "tokenizer_config.json").is_file() else base, rc.model.pad_token)
+    kwargs = {} if full else dict(num_labels=1 if method == "reward" else len(labels))
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(base), dtype=dt, attn_implementation=rc.model.attn_implementation, **kwargs)
+    except Exception as e:
+        raise ModelError(f"{base} can't be loaded as a sequence classifier ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]})") from None
+    if len(tok) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tok), mean_resizing=True)  # as load_seq_cls did before training
+    model.config.pad_token_id = tok.pad_token_id
+    if not full:
+        from peft import PeftModel
+
+        check_adapter_base(weights, base)
+        try:
+            model = PeftModel.from_pretrained(model, str(weights))
+        except Exception as e:
+            raise ModelError(f"adapter {weights} can't be applied ({str(e).splitlines()[0][:200]})") from None
+    model.to(dev).eval()
+    return Head(model, tok, labels, rc, str(weights), dev)
+
+
+def _scores(head: Head, batches, max_length: int) -> list:
+    """Logits row by row; `batches` yields (texts, pairs or None) or lists of token ids."""
+    out = []
+    for batch in batches:
+        if isinstance(batch, tuple):
+            texts, pairs = batch
+            enc = head.tokenizer(texts, pairs, truncation=True, max_length=max_length, padding=True,
+                                 return_tensors="pt")
+        else:
+            enc = head.tokenizer.pad({"input_ids": [ids[:max_length] for ids in batch]}, return_tensors="pt")
+        with torch.no_grad():
+            out += head.model(**enc.to(head.device)).logits.float().tolist()
+    return out
+
+
+def score_classify(head: Head, task, items, batch_size: int, advance) -> dict:
+    """Per-item accuracy (+ gold/pred indices for macro-F1) of a classify run on text/label items; the text
+    is tokenized as training tokenized it (text [, pair], truncated at the run's data.max_seq_length)."""
+    from ..evaluate.tasks import TaskError
+
+    index = {v: i for i, v in enumerate(head.labels)}
+    for n, it in enumerate(items):
+        if it.target not in index:
+            raise TaskError(f"task {task.name}: item {n + 1} has label {it.target!r}, which {head.name} was not "
+                            f"trained on (its labels: {', '.join(head.labels)})")
+
+    def batches():
+        for s in range(0, len(items), batch_size):
+            chunk = items[s:s + batch_size]
+            pairs = [it.text_pair or "" for it in chunk] if any(it.text_pair is not None for it in chunk) else None
+            yield [it.context for it in chunk], pairs
+            advance(len(chunk))
+
+    logits = _scores(head, batches(), head.cfg.data.max_seq_length)
+    pred = [max(range(len(row)), key=row.__getitem__) for row in logits]
+    gold = [index[it.target] for it in items]
+    return {"acc": [float(p == g) for p, g in zip(pred, gold)], "gold": gold, "pred": pred,
+            "outputs": [head.labels[p] for p in pred]}
+
+
+def score_preference(head: Head, task, items, batch_size: int, advance) -> dict:
+    """Per-pair accuracy of a reward run: 1 when it scores chosen above rejected. The rows are read and
+    tokenized with the run's own data settings (format, fields, template, EOS), as RewardTrainer saw them
+    (a pair longer than data.max_seq_length is cut there; RewardTrainer leaves such pairs out of training)."""
+    import dataclasses
+
+    from ..data.preference import PairStats, _tokenize_pairs, to_pair
+    from ..evaluate.tasks import TaskError
+
+    d = dataclasses.replace(head.cfg.data, drop_untrainable=False)  # a pair that can't be scored is an error
+    try:
+        pairs = [to_pair(it.row, d, it.context) for it in items]
+        tok = _tokenize_pairs(d, head.tokenizer, pairs, PairStats(), count=False)
+    except DataError as e:
+        raise TaskError(f"task {task.name}: {e}") from None
+    seqs = [x for t in tok for x in (t.prompt_ids + t.chosen_ids, t.prompt_ids + t.rejected_ids)]
+
+    def batches():
+        for s in range(0, len(seqs), 2 * batch_size):
+            yield seqs[s:s + 2 * batch_size]
+            advance(len(seqs[s:s + 2 * batch_size]) // 2)
+
+    r = [row[0] for row in _scores(head, batches(), d.max_seq_length)]
+    margins = [r[2 * i] - r[2 * i + 1] for i in range(len(tok))]
+    return {"acc": [float(m > 0) for m in margins], "margin": margins}

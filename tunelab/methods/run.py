@@ -8,18 +8,13 @@ model trl.RewardTrainer; classify is transformers' Trainer on AutoModelForSequen
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..callbacks import CommitCheckpoints, FiniteGradients, NonFinite, OverfitWatch, StopOnSignal
-from ..config import ConfigError, RunConfig, save_config
-from ..fsutil import atomic_write_text, commit_dir, is_disk_full, remove_tree
+from ..callbacks import NonFinite
+from ..config import ConfigError, RunConfig
 from ..models import (
     ModelError,
     check_adapter_base,
@@ -31,8 +26,8 @@ from ..models import (
     pick_dtype,
     resolve_model,
 )
-from ..rundir import CONFIG, FINAL, STAGING, SUMMARY, newest_checkpoint, resume_checkpoint, run_config, saved_step
-from ..train import Setup, TrainingError, build_model, make_summary, prepare_quantized, save_failed, training_arguments
+from ..rundir import run_config
+from ..train import Setup, build_model, prepare_quantized, run_callbacks, training_arguments
 from ..ui import console, warn
 
 LOGGED = ("rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected", "reward", "reward_std",
@@ -170,24 +165,24 @@ class Guarded:
     """Mixed in before a TRL trainer class: the checks and the crash-safe save of tunelab's own Trainer."""
 
     def training_step(self, *args, **kwargs):
-        loss = super().training_step(*args, **kwargs)
+        try:
+            loss = super().training_step(*args, **kwargs)
+        except RuntimeError as e:
+            # GRPO samples inside the step (GRPOTrainer._prepare_inputs): once the logits overflow, torch's
+            # multinomial raises this before any loss exists. It is the same fault as a nan loss: one line.
+            if "probability tensor contains either `inf`, `nan`" not in str(e):
+                raise
+            raise NonFinite(f"the next-token probabilities are nan/inf while sampling at step "
+                            f"{self.state.global_step + 1}", None) from None
         if not torch.isfinite(loss).all():
             raise NonFinite(f"loss is {loss.item()} at step {self.state.global_step + 1}", None)
         return loss
 
 
 def callbacks(cfg: RunConfig, out: Path) -> list:
-    """The public-hook callbacks tunelab's own Trainer gets: no non-finite update reaches the weights
-    (FiniteGradients), checkpoints are written to out/.staging and committed whole (CommitCheckpoints)."""
-    from transformers import EarlyStoppingCallback
-
-    from ..ui import RichProgress
-
-    cbs = [FiniteGradients(), CommitCheckpoints(out, cfg.train.save_total_limit), RichProgress(),
-           OverfitWatch(enabled=cfg.eval.overfit_warning), StopOnSignal()]
-    if cfg.eval.early_stopping_patience > 0:
-        cbs.append(EarlyStoppingCallback(cfg.eval.early_stopping_patience, cfg.eval.early_stopping_threshold))
-    return cbs
+    """The callbacks tunelab's own Trainer gets (train.run_callbacks): FiniteGradients, CommitCheckpoints
+    into `out`, progress, overfitting watch, the signal stop, early stopping."""
+    return run_callbacks(cfg, out)
 
 
 def args_for(cfg: RunConfig, out: Path, s: MethodSetup, args_class, **extra):
@@ -236,107 +231,79 @@ def load_causal(s: MethodSetup):
 
 
 # ---------------------------------------------------------------------------------------------
-# The run
+# train.run's part for these methods (the run itself, one for every method, is tunelab/train.py's)
 
 
-def run_method(cfg: RunConfig, out: Path, *, resume: bool = False, config_dir: Path | None = None) -> dict:
-    t0 = time.perf_counter()
-    method = cfg.train.method
-    main = int(os.environ.get("RANK", "0")) == 0
-    checkpoint = resume_checkpoint(cfg, out, resume) if main else (newest_checkpoint(out) if resume else None)
-    if checkpoint is not None and cfg.train.max_steps > 0 and saved_step(checkpoint) > cfg.train.max_steps:
-        raise ConfigError(f"--resume: {out} is already at step {saved_step(checkpoint)} ({checkpoint.name}), past "
-                          f"train.max_steps={cfg.train.max_steps}; to train further pass a larger "
-                          f"--set train.max_steps=N")
-    s = setup_method(cfg, config_dir)
-    for w in s.report:
-        warn(w)
-    if s.pad_note:
-        console.print(f"[dim]tokenizer: {s.pad_note}[/dim]")
-    dw = dtype_warning(s.dtype, s.device)
-    if dw:
-        warn(dw)
-    from transformers import set_seed
+class MethodRecipe:
+    """train.run's part for a method past SFT (train.SftRecipe is SFT's): the data for the method, a TRL
+    trainer with tunelab's guards, and what the summary adds (rewards, margins, held-out accuracy)."""
 
-    set_seed(cfg.train.seed)
-    if method == "grpo":
-        from .grpo import build_rewards, make_grpo_trainer
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.method = cfg.train.method
+        self.label = self.method  # set to "dpo (LoRA)" etc. once the start point is known
 
-        rewards = build_rewards(cfg, s, config_dir)  # every reward runs once here: a broken one fails before writing
-        model, peft_config = load_causal(s)
-        make = lambda m, a: make_grpo_trainer(m, a, s, rewards, peft_config)  # noqa: E731
-    elif method == "classify" or method == "reward":
-        from .classify import load_seq_cls, make_classify_trainer, make_reward_trainer
+    def setup(self, config_dir: Path | None) -> MethodSetup:
+        s = setup_method(self.cfg, config_dir)
+        self.config_dir = config_dir
+        for w in s.report:
+            warn(w)
+        if s.pad_note:
+            console.print(f"[dim]tokenizer: {s.pad_note}[/dim]")
+        dw = dtype_warning(s.dtype, s.device)
+        if dw:
+            warn(dw)
+        return s
 
-        model = load_seq_cls(s, num_labels=1 if method == "reward" else len(s.stats.labels))
-        make = (lambda m, a: make_reward_trainer(m, a, s)) if method == "reward" else \
-            (lambda m, a: make_classify_trainer(m, a, s))
-    else:
-        from .preference import make_preference_trainer
+    def trainer(self, s: MethodSetup, out: Path):
+        cfg, method = self.cfg, self.method
+        if method == "grpo":
+            from .grpo import build_rewards, make_grpo_trainer
 
-        model, peft_config = load_causal(s)
-        make = lambda m, a: make_preference_trainer(m, a, s, peft_config)  # noqa: E731
-    kind = ("QLoRA" if cfg.quantization.load_in_4bit else "LoRA") if cfg.lora.enabled or s.start.adapter else "full"
-    console.print(f"[bold]tunelab[/bold] {method.upper()} ({kind}) of {cfg.model.name} on {s.device}, compute dtype "
-                  f"{str(s.dtype).replace('torch.', '')}; {s.stats.train_rows} train / {s.stats.eval_rows} eval rows")
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
-    trainer = make(model, out)  # before anything is written: a trainer that refuses leaves no run folder
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / CONFIG)
-        atomic_write_text(out / "data_stats.json", json.dumps(s.data_stats, indent=2, ensure_ascii=False))
-    if main:
-        remove_tree(out / STAGING)  # the Trainer creates its output_dir up front; it exists only during a save
-    if checkpoint is not None:
-        console.print(f"resuming from {checkpoint.name}")
-    stop = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, StopOnSignal))
-    previous = {sig: signal.signal(sig, stop.handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    except NonFinite as e:
-        last = newest_checkpoint(out)
-        raise TrainingError(f"{e.what}: training stopped, the bad update was not applied or saved; last good "
-                            f"checkpoint: {last.name if last else 'none'} (try a lower train.learning_rate)") from None
-    except Exception as e:
-        if (out / STAGING).exists():
-            raise save_failed(e, out, main) from None
-        raise
-    finally:
-        for sig, h in previous.items():
-            signal.signal(sig, h)
+            # every reward runs once here: a broken one fails before anything is written
+            rewards = build_rewards(cfg, s, self.config_dir)
+            model, peft_config = load_causal(s)
+            make = lambda m, a: make_grpo_trainer(m, a, s, rewards, peft_config)  # noqa: E731
+        elif method == "classify" or method == "reward":
+            from .classify import load_seq_cls, make_classify_trainer, make_reward_trainer
 
-    summary = make_summary(trainer, result, s, out, time.perf_counter() - t0, f"{method} ({kind})")
-    summary["train_method"] = method
-    hist = trainer.state.log_history
-    for key in LOGGED:
-        vals = [h[key] for h in hist if key in h and isinstance(h[key], (int, float))]
-        if vals:
-            summary[f"first_{key}"], summary[f"last_{key}"] = round(vals[0], 5), round(vals[-1], 5)
-    if stop.signum is not None:
-        summary["status"] = "interrupted"
-        summary["signal"] = signal.Signals(stop.signum).name
-        summary["early_stopped"] = False
-    else:
-        final, staging = out / FINAL, out / ".staging-final"
+            model = load_seq_cls(s, num_labels=1 if method == "reward" else len(s.stats.labels))
+            make = (lambda m, a: make_reward_trainer(m, a, s)) if method == "reward" else \
+                (lambda m, a: make_classify_trainer(m, a, s))
+        else:
+            from .preference import make_preference_trainer
+
+            model, peft_config = load_causal(s)
+            make = lambda m, a: make_preference_trainer(m, a, s, peft_config)  # noqa: E731
+        kind = (("QLoRA" if cfg.quantization.load_in_4bit else "LoRA") if cfg.lora.enabled or s.start.adapter
+                else "full")
+        self.label = f"{method} ({kind})"
+        console.print(f"[bold]tunelab[/bold] {method.upper()} ({kind}) of {cfg.model.name} on {s.device}, compute "
+                      f"dtype {str(s.dtype).replace('torch.', '')}; {s.stats.train_rows} train / "
+                      f"{s.stats.eval_rows} eval rows")
+        return make(model, out)
+
+    def data_stats(self, s: MethodSetup) -> dict:
+        return s.data_stats
+
+    def base_folder(self, s: MethodSetup) -> Path | None:
+        return s.start.base_folder if self.cfg.lora.enabled or s.start.adapter is not None else None
+
+    def summarize(self, trainer, s: MethodSetup, summary: dict) -> None:
+        summary["train_method"] = self.method
+        hist = trainer.state.log_history
+        for key in LOGGED:
+            vals = [h[key] for h in hist if key in h and isinstance(h[key], (int, float))]
+            if vals:
+                summary[f"first_{key}"], summary[f"last_{key}"] = round(vals[0], 5), round(vals[-1], 5)
+
+    def before_save(self, trainer) -> None:
         model = trainer.model
         if hasattr(model, "peft_config") and "ref" in model.peft_config:
             model.delete_adapter("ref")  # TRL's frozen copy of the start adapter (the DPO reference): not the result
-        try:
-            trainer.save_model(str(staging))
-            if main:
-                s.tokenizer.save_pretrained(str(staging))
-                if getattr(s.cfg.lora, "enabled", False) or s.start.adapter is not None:
-                    from ..models import write_base_fingerprint
 
-                    write_base_fingerprint(staging, s.start.base_folder, cfg.model.name)
-                commit_dir(staging, final)
-        except Exception as e:
-            if main:
-                remove_tree(staging)
-            if is_disk_full(e):
-                raise TrainingError(f"disk full while saving {final}; the checkpoints are intact") from None
-            raise
-        if method == "classify" and s.evals:
+    def done(self, trainer, s: MethodSetup, summary: dict, final: Path) -> None:
+        if self.method == "classify" and s.evals:
             from .classify import held_out_accuracy
 
             summary.update(held_out_accuracy(trainer, s))
@@ -348,6 +315,3 @@ def run_method(cfg: RunConfig, out: Path, *, resume: bool = False, config_dir: P
         console.print(f"[green]done[/green]: {summary['global_step']} steps, train loss {summary['train_loss']}"
                       + "".join(f", {k} {summary.get('first_' + k)} -> {v}" for k, v in shown.items())
                       + f"; model in {final}")
-    if main:
-        atomic_write_text(out / SUMMARY, json.dumps(summary, indent=2))
-    return summary

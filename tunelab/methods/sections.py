@@ -95,12 +95,26 @@ LOSS_TYPES = ["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"]
 
 
-def check_sections(cfg, where_of, fail, did_you_mean) -> None:
-    """Errors for method sections: set in a run of another method, or impossible values."""
+def check_sections(cfg, where_of, fail, did_you_mean, written=None) -> None:
+    """Errors for method sections: set in a run of another method, or impossible values.
+
+    `written`: the dotted keys the YAML file and --set flags hold (tunelab.config.load_config). A key of
+    another method's section there is an error even at its default value (`dpo: {beta: 0.1}` in an SFT
+    run is a config meant for DPO); without it (a config built in code) only non-default values are."""
     method = cfg.train.method
     for name, cls in SECTIONS.items():
         sec = getattr(cfg, name)
-        if method != name and sec != cls():
+        if method == name:
+            continue
+        given = sorted(k for k in (written or ()) if k == name or k.startswith(name + "."))
+        if given:
+            key = next((k for k in given if k != name), None)
+            if key is None:
+                fail(where_of(name), f"the {name}: section is for train.method={name}, but train.method is "
+                                     f"{method}; remove it or set train.method={name}")
+            fail(where_of(key), f"{key} is a {name} setting, but train.method is {method}; remove it or set "
+                                f"train.method={name}")
+        if sec != cls():
             changed = [f.name for f in dataclasses.fields(cls) if getattr(sec, f.name) != getattr(cls(), f.name)]
             key = f"{name}.{changed[0]}"
             fail(where_of(key), f"{key} is a {name} setting, but train.method is {method}; remove it or set "
