@@ -205,15 +205,15 @@ def load_pairs(cfg: DataConfig, tokenizer, base: Path | None = None):
     train, evals = split_train_eval(cfg, pairs, [p.where for p in pairs], stats)
     if cfg.eval_path:
         evals = read(cfg.eval_path)
-    tok_train = _tokenize_pairs(cfg, tokenizer, train, stats, count=True)
-    tok_eval = _tokenize_pairs(cfg, tokenizer, evals, stats, count=False)
+    tok_train = tokenize_pairs(cfg, tokenizer, train, stats, count=True)
+    tok_eval = tokenize_pairs(cfg, tokenizer, evals, stats, count=False)
     stats.train_rows, stats.eval_rows = len(tok_train), len(tok_eval)
     if not tok_train:
         raise DataError(f"{cfg.path}: no trainable pairs left ({_drops(stats)})")
     return tok_train, tok_eval, stats, pairs[:20]
 
 
-def _tokenize_pairs(cfg: DataConfig, tok, pairs: list[Pair], stats: PairStats, count: bool) -> list[TokenizedPair]:
+def tokenize_pairs(cfg: DataConfig, tok, pairs: list[Pair], stats: PairStats, count: bool) -> list[TokenizedPair]:
     out, c_len, r_len, longer = [], [], [], 0
     n = cfg.max_seq_length
     for p in pairs:

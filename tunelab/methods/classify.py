@@ -314,13 +314,13 @@ def score_preference(head: Head, task, items, batch_size: int, advance) -> dict:
     (a pair longer than data.max_seq_length is cut there; RewardTrainer leaves such pairs out of training)."""
     import dataclasses
 
-    from ..data.preference import PairStats, _tokenize_pairs, to_pair
+    from ..data.preference import PairStats, tokenize_pairs, to_pair
     from ..evaluate.tasks import TaskError
 
     d = dataclasses.replace(head.cfg.data, drop_untrainable=False)  # a pair that can't be scored is an error
     try:
         pairs = [to_pair(it.row, d, it.context) for it in items]
-        tok = _tokenize_pairs(d, head.tokenizer, pairs, PairStats(), count=False)
+        tok = tokenize_pairs(d, head.tokenizer, pairs, PairStats(), count=False)
     except DataError as e:
         raise TaskError(f"task {task.name}: {e}") from None
     seqs = [x for t in tok for x in (t.prompt_ids + t.chosen_ids, t.prompt_ids + t.rejected_ids)]
