@@ -249,10 +249,10 @@ def test_content_parts_and_the_chat_default_length(server):
     assert r.usage.completion_tokens > 16 or r.choices[0].finish_reason == "stop"
 
 
-def test_vllm_command_passes_auth_name_limits_and_the_training_template(tiny_model, tmp_path):
+def test_vllm_command_passes_name_limits_and_the_training_template_and_the_key_by_env(tiny_model, tmp_path):
     from types import SimpleNamespace
 
-    from tunelab.serve import vllm_command
+    from tunelab.serve import vllm_command, vllm_env
 
     run = tmp_path / "myrun"
     (run / "final").mkdir(parents=True)
@@ -260,10 +260,12 @@ def test_vllm_command_passes_auth_name_limits_and_the_training_template(tiny_mod
     (run / "final" / "adapter_config.json").write_text('{"r": 24}')
     args = SimpleNamespace(host="0.0.0.0", port=9000, name=None, template=None, max_prompt_tokens=300,
                            max_tokens_limit=100, max_batch=8)
-    cmd = vllm_command(args, str(run), "s3cret", tmp_path)
+    cmd = vllm_command(args, str(run), tmp_path)
     opt = {a: b for a, b in zip(cmd, cmd[1:]) if a.startswith("--")}
     assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
-    assert opt["--api-key"] == "s3cret" and opt["--host"] == "0.0.0.0" and opt["--port"] == "9000"
+    assert "--api-key" not in cmd and opt["--host"] == "0.0.0.0" and opt["--port"] == "9000"
+    env = vllm_env("s3cret", {"PATH": "/bin"})
+    assert env == {"PATH": "/bin", "VLLM_API_KEY": "s3cret"} and vllm_env(None, {"PATH": "/bin"}) == {"PATH": "/bin"}
     assert opt["--model"] == str(tiny_model) and opt["--lora-modules"] == f"myrun={run / 'final'}"
     assert "--enable-lora" in cmd and opt["--max-lora-rank"] == "32"
     assert opt["--max-model-len"] == "400" and opt["--max-num-seqs"] == "8"
@@ -271,6 +273,49 @@ def test_vllm_command_passes_auth_name_limits_and_the_training_template(tiny_mod
     assert opt["--chat-template"] == str(tmp_path / "chat_template.jinja")
     # a plain model: served under --name, no key -> no --api-key
     args.name, args.max_prompt_tokens = "m", 4000
-    cmd = vllm_command(args, str(tiny_model), None, tmp_path)
+    cmd = vllm_command(args, str(tiny_model), tmp_path)
     opt = {a: b for a, b in zip(cmd, cmd[1:]) if a.startswith("--")}
     assert opt["--served-model-name"] == "m" and "--api-key" not in cmd and opt["--max-model-len"] == "512"
+
+
+def test_the_vllm_hand_off_gives_the_key_to_vllm_by_environment_only(tiny_model, tmp_path):
+    """`tunelab serve --backend vllm --api-key-env K` really execs vLLM's server (here a stand-in module
+    named vllm.entrypoints.openai.api_server that records what it was started with): the key is in its
+    environment as VLLM_API_KEY, nowhere in its command line (/proc/self/cmdline, what `ps` shows), nor
+    in what tunelab printed."""
+    import os
+    import subprocess
+    import sys
+
+    fake = tmp_path / "fake"
+    pkg = fake / "vllm" / "entrypoints" / "openai"
+    pkg.mkdir(parents=True)
+    for d in (fake / "vllm", fake / "vllm" / "entrypoints", pkg):
+        (d / "__init__.py").write_text("")
+    seen = tmp_path / "seen.json"
+    (pkg / "api_server.py").write_text(
+        "import json, os, sys\n"
+        f"open({str(seen)!r}, 'w').write(json.dumps({{'argv': sys.argv, "
+        "'cmdline': open('/proc/self/cmdline', 'rb').read().decode(errors='replace'), "
+        "'key': os.environ.get('VLLM_API_KEY')}))\n")
+    # vLLM needs CUDA and the vllm package: here both are stand-ins. The fake package is put on the path
+    # of the exec'd server only (transformers, imported first, would take it for a real vLLM).
+    code = ("import importlib.util, os, sys, torch\n"
+            "import tunelab.models, tunelab.serve, tunelab.shiptemplate\n"  # imported with the real CUDA check
+            "from tunelab.cli import main\n"
+            "torch.cuda.is_available = lambda: True\n"
+            "find = importlib.util.find_spec\n"
+            "importlib.util.find_spec = lambda name, *a: True if name == 'vllm' else find(name, *a)\n"
+            f"os.environ['PYTHONPATH'] = {str(fake)!r} + os.pathsep + os.environ.get('PYTHONPATH', '')\n"
+            f"sys.exit(main(['serve', {str(tiny_model)!r}, '--backend', 'vllm', '--api-key-env', 'MY_KEY', "
+            "'--name', 'tiny', '--port', '0']))")
+    secret = "sk-very-secret-4711"
+    env = {**os.environ, "MY_KEY": secret, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    env.pop("VLLM_API_KEY", None)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(seen.read_text())
+    assert got["key"] == secret
+    assert secret not in got["cmdline"] and secret not in " ".join(got["argv"])
+    assert secret not in r.stdout + r.stderr and "VLLM_API_KEY" in r.stdout + r.stderr
+    assert "--served-model-name" in got["argv"] and "tiny" in got["argv"]

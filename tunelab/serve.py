@@ -436,10 +436,11 @@ def add_parser(sub) -> None:
                    help="chat prompt template (default: the run's; a bare model's chat template if it has one)")
 
 
-def vllm_command(args, spec: str, api_key: str | None, template_dir) -> list[str]:
+def vllm_command(args, spec: str, template_dir) -> list[str]:
     """vLLM's OpenAI server command line for what `tunelab serve` was asked: the same host, port,
-    served model name, API key and limits, the adapter as a LoRA module, and the run's training
-    template as its chat template (written into `template_dir`)."""
+    served model name and limits, the adapter as a LoRA module, and the run's training template as its
+    chat template (written into `template_dir`). Never the API key: a command line is readable by every
+    user of the machine (`ps`, /proc/PID/cmdline) and lands in shell history; `vllm_env` passes it."""
     import sys
     from pathlib import Path
 
@@ -474,20 +475,32 @@ def vllm_command(args, spec: str, api_key: str | None, template_dir) -> list[str
         path = Path(template_dir) / "chat_template.jinja"
         path.write_text(jinja_template(template, tok, rc.data.system_prompt if rc is not None else None))
         cmd += ["--chat-template", str(path)]
-    if api_key:
-        cmd += ["--api-key", api_key]
     return cmd
 
 
+def vllm_env(api_key: str | None, environ=None) -> dict[str, str]:
+    """The environment vLLM's server starts with: ours, plus the API key as VLLM_API_KEY, which vLLM's
+    OpenAI server reads as its key when `--api-key` is not given (vllm.envs.VLLM_API_KEY). The
+    environment of a process is private to its user, unlike its command line."""
+    env = dict(os.environ if environ is None else environ)
+    if api_key:
+        env["VLLM_API_KEY"] = api_key
+    return env
+
+
 def _vllm_exec(args, spec: str, api_key: str | None) -> None:
-    """Replace this process with vLLM's OpenAI server (GPU + vllm installed)."""
+    """Replace this process with vLLM's OpenAI server (GPU + vllm installed); the key travels in its
+    environment only (not its arguments, not the printed command, not a file)."""
+    import shlex
     import sys
     import tempfile
 
-    cmd = vllm_command(args, spec, api_key, tempfile.mkdtemp(prefix="tunelab-vllm-"))
-    shown = ["***" if api_key and c == api_key else c for c in cmd]
-    console.print(f"vLLM backend: {' '.join(shown)}")
-    os.execv(sys.executable, cmd)
+    cmd = vllm_command(args, spec, tempfile.mkdtemp(prefix="tunelab-vllm-"))
+    auth = "API key from --api-key-env (as VLLM_API_KEY)" if api_key else "no API key"
+    console.print(f"vLLM backend ({auth}): {shlex.join(cmd)}")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, cmd, vllm_env(api_key))
 
 
 def cmd_serve(args) -> int:
