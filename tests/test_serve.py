@@ -319,3 +319,131 @@ def test_the_vllm_hand_off_gives_the_key_to_vllm_by_environment_only(tiny_model,
     assert secret not in got["cmdline"] and secret not in " ".join(got["argv"])
     assert secret not in r.stdout + r.stderr and "VLLM_API_KEY" in r.stdout + r.stderr
     assert "--served-model-name" in got["argv"] and "tiny" in got["argv"]
+
+
+# ---- issue 17.6: one decoding core; `tunelab serve` (its own process) answers as `tunelab generate` does ---------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model, tmp_path_factory):
+    """`tunelab serve` started as its own process on a copy of the tiny model whose generation_config
+    biases a completion prompt that ends in '~' into 'rererere...' (sequence_bias: transformers applies it
+    inside model.generate, so generate and serve see it alike). Yields (url, the same model loaded here)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    folder = tmp_path_factory.mktemp("served") / "model"
+    shutil.copytree(tiny_model, folder)
+    loaded = load_for_inference(str(folder))
+    tilde, re_ = (loaded.tokenizer.encode(t, add_special_tokens=False) for t in ("~", "re"))
+    assert len(tilde) == len(re_) == 1
+    gc = json.loads((folder / "generation_config.json").read_text())
+    gc["sequence_bias"] = [[tilde + re_, 100.0], [re_ + re_, 200.0]]
+    (folder / "generation_config.json").write_text(json.dumps(gc))
+    loaded = load_for_inference(str(folder))
+    port = _free_port()
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "tunelab", "serve", str(folder), "--port", str(port), "--name",
+                             "tiny", "--backend", "transformers", "--max-tokens-limit", "64"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=5) as r:
+                    if json.loads(r.read())["status"] == "ok":
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "tunelab serve did not come up"
+            time.sleep(0.5)
+        yield url, loaded
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+PARITY_PROMPTS = ["Question: Add 3 and 4.\nAnswer:", "Hi", "Write a response about the number 7 and the city.",
+                  "the capital city of the country is"]
+
+
+def _concurrently(fn, items):
+    with ThreadPoolExecutor(len(items)) as pool:  # requests that arrive together share a batch
+        return list(pool.map(fn, items))
+
+
+def test_served_greedy_text_equals_generate(served):
+    url, loaded = served
+    c = _client(url)
+    got = _concurrently(lambda p: c.completions.create(model="tiny", prompt=p, max_tokens=12, temperature=0)
+                        .choices[0].text, PARITY_PROMPTS)
+    assert got == [generate_batch(loaded, [p], GenParams(max_new_tokens=12), template="plain")[0].text
+                   for p in PARITY_PROMPTS]
+    chat = _concurrently(lambda p: c.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": p}], max_tokens=12, temperature=0).choices[0].message.content,
+        PARITY_PROMPTS)
+    assert chat == [generate_batch(loaded, [p], GenParams(max_new_tokens=12))[0].text for p in PARITY_PROMPTS]
+
+
+def test_served_seeded_sampling_equals_generate(served):
+    """A request with a seed samples exactly what `tunelab generate --do-sample --seed` samples, whatever
+    other requests share its batch (each row draws from its own seeded generator)."""
+    url, loaded = served
+    c = _client(url)
+    cases = [(p, seed) for p in PARITY_PROMPTS[:2] for seed in (1, 2, 3)]
+    got = _concurrently(lambda ps: c.completions.create(model="tiny", prompt=ps[0], max_tokens=16, temperature=0.9,
+                                                        top_p=0.95, seed=ps[1]).choices[0].text, cases)
+    want = [generate_batch(loaded, [p], GenParams(max_new_tokens=16, do_sample=True, temperature=0.9, top_p=0.95,
+                                                  seed=seed), template="plain")[0].text for p, seed in cases]
+    assert got == want
+    assert len(set(want[:3])) > 1  # really sampled: other seeds, other texts
+    streamed = c.completions.create(model="tiny", prompt=cases[0][0], max_tokens=16, temperature=0.9, top_p=0.95,
+                                    seed=cases[0][1], stream=True)
+    assert "".join(ch.choices[0].text for ch in streamed) == want[0]
+
+
+def test_served_stop_strings_cut_as_generate_including_a_multi_token_stop(served):
+    url, loaded = served
+    c = _client(url)
+    free = generate_batch(loaded, ["Spell it~"], GenParams(max_new_tokens=12), template="plain")[0].text
+    assert free.startswith("rererere")  # the biased continuation
+    text = generate_batch(loaded, [PARITY_PROMPTS[2]], GenParams(max_new_tokens=24), template="plain")[0].text
+    cases = [("Spell it~", "ererer"), ("Spell it~", ["xyz", "rere"]), (PARITY_PROMPTS[2], text[2:8]),
+             (PARITY_PROMPTS[2], [text[6:9], text[1:12]])]
+    for prompt, stop in cases:
+        stops = stop if isinstance(stop, list) else [stop]
+        ref = generate_batch(loaded, [prompt], GenParams(max_new_tokens=24, stop=stops), template="plain")[0]
+        r = c.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0, stop=stop)
+        assert (r.choices[0].text, r.choices[0].finish_reason) == (ref.text, ref.finish_reason), stop
+        chunks = list(c.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0, stop=stop,
+                                           stream=True))
+        assert "".join(ch.choices[0].text for ch in chunks) == ref.text, stop
+    assert generate_batch(loaded, ["Spell it~"], GenParams(max_new_tokens=24, stop=["ererer"]),
+                          template="plain")[0].text == "r"  # the issue's case: 'r', not 'rerere'
+
+
+def test_generate_and_serve_call_the_one_decoding_core(server, monkeypatch):
+    from tunelab import decode as core
+
+    calls = []
+    real = core.decode
+    monkeypatch.setattr(core, "decode", lambda loaded, rows: calls.append(len(rows)) or real(loaded, rows))
+    _, url, loaded = server
+    generate_batch(loaded, ["Hi"], GenParams(max_new_tokens=2))
+    code, _ = _post(url, "/v1/completions", json.dumps({"prompt": "Hi", "max_tokens": 2}).encode())
+    assert code == 200 and calls == [1, 1]

@@ -2,9 +2,10 @@
 
 Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both
 with `stream: true` as server-sent events). Concurrent requests are batched: a single worker
-thread owns the model, collects the requests that arrive within a short window, prefills them as
-one left-padded batch and decodes them step by step together (each row with its own sampling
-settings, stop strings and max_tokens), streaming tokens to each client as they come.
+thread owns the model, collects the requests that arrive within a short window and decodes them as
+one left-padded batch with `decode.decode`, the decoding core `tunelab generate` uses (each row with
+its own sampling settings and seed, stop strings and max_tokens), streaming text to each client as
+it becomes final and answering each one as soon as its row ends.
 /v1/completions takes the prompt as is; /v1/chat/completions renders the whole conversation
 (system message and every earlier turn) with `templates.render_prompt`, the function training
 and `tunelab generate` use: a chat_template run (and a bare model whose tokenizer has a chat
@@ -33,8 +34,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
+from . import decode as core
 from .data.templates import Example, TemplateError, encode_prompt, render_prompt
-from .generate import cut_at_stop
+from .generate import GenParams
 from .ui import console
 
 
@@ -51,11 +53,7 @@ class ApiError(Exception):
 @dataclass
 class Job:
     ids: list[int]
-    max_tokens: int
-    temperature: float
-    top_p: float
-    stop: list[str]
-    seed: int | None
+    params: GenParams  # what `tunelab generate` would be given for the same request
     out: queue.Queue = field(default_factory=queue.Queue)  # ("token", text) ... ("done", finish_reason, n)
 
 
@@ -101,81 +99,11 @@ class Engine:
                 for j in batch:
                     j.out.put(("error", f"{type(e).__name__}: {e}"))
 
-    @torch.inference_mode()
     def _run(self, batch: list[Job]) -> None:
-        from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
-
         self.batches += 1
-        model, tok, dev = self.loaded.model, self.loaded.tokenizer, self.loaded.device
-        n, width = len(batch), max(len(j.ids) for j in batch)
-        ids = torch.full((n, width), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((n, width), dtype=torch.long)
-        for i, j in enumerate(batch):
-            ids[i, width - len(j.ids):] = torch.tensor(j.ids)
-            mask[i, width - len(j.ids):] = 1
-        ids, mask = ids.to(dev), mask.to(dev)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-        past, logits = out.cache, out.logits[:, -1].float()  # `cache`: past_key_values is deprecated in 5.x
-        gens = [torch.Generator().manual_seed(j.seed if j.seed is not None else int(time.time_ns() % 2**31))
-                for j in batch]
-        generated: list[list[int]] = [[] for _ in batch]
-        sent = [""] * n
-        alive = [True] * n
-        last_pos = pos[:, -1:]
-        for step in range(max(j.max_tokens for j in batch)):
-            nxt = torch.empty(n, dtype=torch.long)
-            for i, j in enumerate(batch):
-                if not alive[i]:
-                    nxt[i] = tok.pad_token_id
-                    continue
-                row = logits[i: i + 1]
-                if j.temperature <= 0:
-                    nxt[i] = int(row.argmax(-1))
-                else:
-                    row = TemperatureLogitsWarper(j.temperature)(None, row)
-                    if j.top_p < 1.0:
-                        row = TopPLogitsWarper(j.top_p)(None, row)
-                    nxt[i] = int(torch.multinomial(torch.softmax(row, -1).cpu(), 1, generator=gens[i]))
-            for i, j in enumerate(batch):
-                if not alive[i]:
-                    continue
-                t = int(nxt[i])
-                if t == tok.eos_token_id:
-                    alive[i] = False
-                    self._emit(j, sent, i, tok.decode(generated[i], skip_special_tokens=True), final=True)
-                    j.out.put(("done", "stop", len(generated[i])))
-                    continue
-                generated[i].append(t)
-                text, hit = cut_at_stop(tok.decode(generated[i], skip_special_tokens=True), j.stop)
-                length = len(generated[i]) >= j.max_tokens
-                self._emit(j, sent, i, text, final=hit or length)
-                if hit or length:
-                    alive[i] = False
-                    j.out.put(("done", "stop" if hit else "length", len(generated[i])))
-            if not any(alive):
-                break
-            mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=dev)], dim=1)
-            last_pos = last_pos + 1
-            out = model(input_ids=nxt[:, None].to(dev), attention_mask=mask, position_ids=last_pos,
-                        cache=past, use_cache=True, logits_to_keep=1)
-            past, logits = out.cache, out.logits[:, -1].float()  # `cache`: past_key_values is deprecated in 5.x
-
-    @staticmethod
-    def _emit(job: Job, sent: list[str], i: int, text: str, final: bool) -> None:
-        """Send the part of `text` that can no longer change: `generate`'s stop semantics (the text is
-        cut before the first stop string, generate.cut_at_stop) need the last len(longest stop) - 1
-        characters held back until the row ends (they could still begin a stop string), and an
-        unfinished multi-byte character (decoded as U+FFFD) is held back too."""
-        upto = len(text)
-        if not final:
-            upto -= max((len(s) for s in job.stop), default=1) - 1
-            bad = text.find("\ufffd", len(sent[i]))
-            if bad >= 0:
-                upto = min(upto, bad)
-        if upto > len(sent[i]):
-            job.out.put(("token", text[len(sent[i]):upto]))
-            sent[i] = text[:upto]
+        core.decode(self.loaded, [core.Row(j.ids, j.params, on_text=lambda text, j=j: j.out.put(("token", text)),
+                                           on_done=lambda d, j=j: j.out.put(("done", d.finish_reason, len(d.ids))))
+                                  for j in batch])
 
 
 class Server:
@@ -219,8 +147,12 @@ class Server:
             stop = [stop]
         if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
             raise ApiError(400, "'stop' must be a string or a list of up to 4 non-empty strings", "stop")
-        return Job(prompt_ids, max_tokens, num("temperature", 1.0, 0, 2), num("top_p", 1.0, 0, 1), stop,
-                   num("seed", None, kind=int) if body.get("seed") is not None else None)
+        temperature, top_p = num("temperature", 1.0, 0, 2), num("top_p", 1.0, 0, 1)
+        seed = num("seed", None, kind=int) if body.get("seed") is not None else int(time.time_ns() % 2**31)
+        sample = temperature > 0 and top_p > 0  # temperature 0 (or top_p 0: only the top token) is greedy
+        return Job(prompt_ids, GenParams(max_new_tokens=max_tokens, do_sample=sample,
+                                         temperature=temperature if sample else None,
+                                         top_p=top_p if sample and top_p < 1 else None, seed=seed, stop=stop))
 
     def check_model(self, body: dict) -> None:
         m = body.get("model")
