@@ -162,10 +162,15 @@ class Server:
 
     def completion_prompt(self, body: dict) -> list[int]:
         p = body.get("prompt")
-        if isinstance(p, list) and len(p) == 1 and isinstance(p[0], str):
+        if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
             p = p[0]
+        if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            vocab = len(self.loaded.tokenizer)  # OpenAI's prompt as token ids: sent exactly as given
+            if not all(0 <= t < vocab for t in p):
+                raise ApiError(400, f"'prompt' token ids must be in [0, {vocab})", "prompt")
+            return list(p)
         if not isinstance(p, str):
-            raise ApiError(400, "'prompt' must be a string", "prompt")
+            raise ApiError(400, "'prompt' must be a string or a list of token ids", "prompt")
         return encode_prompt(self.loaded.tokenizer, p)
 
     def chat_prompt(self, body: dict) -> list[int]:
@@ -436,10 +441,7 @@ def _vllm_exec(args, spec: str, api_key: str | None) -> None:
 
 
 def cmd_serve(args) -> int:
-    from pathlib import Path
-
     from .config import ConfigError
-    from .models import load_for_inference
 
     for flag in ("max_tokens_limit", "max_prompt_tokens", "max_batch"):
         if getattr(args, flag) <= 0:
@@ -457,24 +459,11 @@ def cmd_serve(args) -> int:
             _vllm_exec(args, args.model, key)
         elif args.backend == "vllm":
             raise ConfigError("--backend vllm needs the vllm package and a CUDA GPU")
-    try:  # take the port before the model loads (seconds to minutes): a busy port fails at once
-        httpd = ThreadingHTTPServer((args.host, args.port), BaseHTTPRequestHandler)
-    except OSError as e:
-        raise ConfigError(f"cannot listen on {args.host}:{args.port} ({e.strerror})") from None
-    try:
-        loaded = load_for_inference(args.model, template=args.template)
-        loaded.template = serve_template(args.model, args.template, loaded.tokenizer) or loaded.template
-        if loaded.template == "chat_template" and not getattr(loaded.tokenizer, "chat_template", None):
-            raise ConfigError(f"--template chat_template: the tokenizer of {args.model} has no chat template")
-    except BaseException:
-        httpd.server_close()
-        raise
-    name = args.name or Path(args.model.rstrip("/")).name or args.model
-    srv = Server(loaded, name, args.max_tokens_limit, args.max_prompt_tokens, key, args.max_batch,
-                 args.batch_window_ms / 1000)
-    httpd.RequestHandlerClass = make_handler(srv)  # requests that came during loading waited in the backlog
-    httpd.daemon_threads = True
-    console.print(f"serving '{name}' (template {loaded.template}) on http://{args.host}:{httpd.server_address[1]}/v1 "
+    httpd, srv = open_server(args.model, host=args.host, port=args.port, name=args.name, template=args.template,
+                             max_tokens_limit=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens,
+                             api_key=key, max_batch=args.max_batch, window=args.batch_window_ms / 1000)
+    console.print(f"serving '{srv.name}' (template {srv.loaded.template}) on "
+                  f"http://{args.host}:{httpd.server_address[1]}/v1 "
                   f"(transformers backend, batches of up to {args.max_batch})")
     try:
         httpd.serve_forever()
@@ -484,3 +473,33 @@ def cmd_serve(args) -> int:
         srv.engine.stopped = True
         httpd.server_close()
     return 0
+
+
+def open_server(model: str, *, host: str = "127.0.0.1", port: int = 0, name: str | None = None,
+                template: str | None = None, max_tokens_limit: int = 1024, max_prompt_tokens: int = 4096,
+                api_key: str | None = None, max_batch: int = 16, window: float = 0.02):
+    """(listening ThreadingHTTPServer, Server): what `tunelab serve` runs, ready for serve_forever();
+    `export`'s parity report serves the export through it too. The port is taken before the model
+    loads (seconds to minutes): a busy port fails at once, requests sent meanwhile wait in the backlog."""
+    from pathlib import Path
+
+    from .config import ConfigError
+    from .models import load_for_inference
+
+    try:
+        httpd = ThreadingHTTPServer((host, port), BaseHTTPRequestHandler)
+    except OSError as e:
+        raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror})") from None
+    try:
+        loaded = load_for_inference(model, template=template)
+        loaded.template = serve_template(model, template, loaded.tokenizer) or loaded.template
+        if loaded.template == "chat_template" and not getattr(loaded.tokenizer, "chat_template", None):
+            raise ConfigError(f"--template chat_template: the tokenizer of {model} has no chat template")
+        name = name or Path(model.rstrip("/")).name or model
+        srv = Server(loaded, name, max_tokens_limit, max_prompt_tokens, api_key, max_batch, window)
+    except BaseException:
+        httpd.server_close()
+        raise
+    httpd.RequestHandlerClass = make_handler(srv)
+    httpd.daemon_threads = True
+    return httpd, srv
