@@ -447,3 +447,16 @@ def test_generate_and_serve_call_the_one_decoding_core(server, monkeypatch):
     generate_batch(loaded, ["Hi"], GenParams(max_new_tokens=2))
     code, _ = _post(url, "/v1/completions", json.dumps({"prompt": "Hi", "max_tokens": 2}).encode())
     assert code == 200 and calls == [1, 1]
+
+
+def test_completion_prompt_as_token_ids(server):
+    """OpenAI's `prompt` as a list of token ids is sent exactly as given (export's parity report uses it)."""
+    _, url, loaded = server
+    prompt = "Question: Add 3 and 4.\nAnswer:"
+    ids = loaded.tokenizer.encode(prompt, add_special_tokens=False)
+    as_text = _post(url, "/v1/completions", json.dumps({"prompt": prompt, "max_tokens": 6, "temperature": 0}).encode())
+    as_ids = _post(url, "/v1/completions", json.dumps({"prompt": ids, "max_tokens": 6, "temperature": 0}).encode())
+    assert as_ids[0] == 200 and as_ids[1]["choices"][0]["text"] == as_text[1]["choices"][0]["text"]
+    assert as_ids[1]["usage"]["prompt_tokens"] == len(ids)
+    code, obj = _post(url, "/v1/completions", json.dumps({"prompt": [5, 10 ** 6]}).encode())
+    assert code == 400 and "token ids must be in" in obj["error"]["message"]
