@@ -460,3 +460,43 @@ def test_completion_prompt_as_token_ids(server):
     assert as_ids[1]["usage"]["prompt_tokens"] == len(ids)
     code, obj = _post(url, "/v1/completions", json.dumps({"prompt": [5, 10 ** 6]}).encode())
     assert code == 400 and "token ids must be in" in obj["error"]["message"]
+
+
+def test_max_tokens_beyond_the_context_is_a_400_naming_the_field():
+    from types import SimpleNamespace
+
+    from tunelab.serve import ApiError, Server
+
+    srv = SimpleNamespace(max_prompt_tokens=1000, max_tokens_limit=200, context=512)
+    ids = list(range(400))
+    job = Server.job_from(srv, {"messages": [], "temperature": 0}, ids)  # chat default: the context left
+    assert job.params.max_new_tokens == 112 and not job.params.do_sample
+    assert Server.job_from(srv, {"prompt": "x"}, list(range(500))).params.max_new_tokens == 12  # legacy 16, fitted
+    for field in ("max_tokens", "max_completion_tokens"):
+        with pytest.raises(ApiError, match=f"with {field} 150 that is 550 > the model's context of 512") as e:
+            Server.job_from(srv, {"prompt": "x", field: 150}, ids)
+        assert e.value.param == field and e.value.code == "context_length_exceeded"
+
+
+def test_the_vllm_hand_off_refuses_an_adapter_on_another_base(tiny_model, tmp_path):
+    import shutil
+    from types import SimpleNamespace
+
+    from tunelab.models import ModelError
+    from tunelab.serve import vllm_command
+
+    other = tmp_path / "mistral"
+    shutil.copytree(tiny_model, other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg.update(model_type="mistral", architectures=["MistralForCausalLM"])
+    (other / "config.json").write_text(json.dumps(cfg))
+    run = tmp_path / "myrun"
+    (run / "final").mkdir(parents=True)
+    (run / "config.yaml").write_text(f"model: {{name: {other}}}\ndata: {{template: alpaca}}\n")
+    (run / "final" / "adapter_config.json").write_text('{"r": 8}')
+    (run / "final" / "tunelab_base.json").write_text(json.dumps({"base": str(tiny_model), "fingerprint": {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama"}}))
+    args = SimpleNamespace(host="127.0.0.1", port=9000, name=None, template=None, max_prompt_tokens=300,
+                           max_tokens_limit=100, max_batch=8)
+    with pytest.raises(ModelError, match="trained on a different base"):
+        vllm_command(args, str(run), tmp_path)

@@ -138,10 +138,13 @@ class Server:
             raise ApiError(400, f"the prompt is {len(prompt_ids)} tokens, the model's whole context is "
                                 f"{self.context}", "messages" if "messages" in body else "prompt",
                            "context_length_exceeded")
-        default = min(left, self.max_tokens_limit) if "messages" in body else 16
-        max_tokens = num("max_tokens", default, 1, self.max_tokens_limit, int)
-        if body.get("max_completion_tokens") is not None:
-            max_tokens = num("max_completion_tokens", default, 1, self.max_tokens_limit, int)
+        default = min(left, self.max_tokens_limit if "messages" in body else 16)
+        field_ = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        max_tokens = num(field_, default, 1, self.max_tokens_limit, int)
+        if max_tokens > left:  # as `tunelab generate` refuses it (generate.check_fits), and as vLLM does
+            raise ApiError(400, f"the prompt is {len(prompt_ids)} tokens; with {field_} {max_tokens} that is "
+                                f"{len(prompt_ids) + max_tokens} > the model's context of {self.context} tokens",
+                           field_, "context_length_exceeded")
         stop = body.get("stop") or []
         if isinstance(stop, str):
             stop = [stop]
@@ -390,7 +393,10 @@ def vllm_command(args, spec: str, template_dir) -> list[str]:
     name = args.name or (run.name if run is not None else Path(spec.rstrip("/")).name or spec)
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", args.host, "--port", str(args.port)]
     if weights is not None and (weights / "adapter_config.json").is_file():
+        from .models import check_adapter_base
+
         base = resolve_model(rc.model.name, rc.model.revision)
+        check_adapter_base(weights, base)  # vLLM would load the LoRA module onto any base of the same shapes
         rank = json.loads((weights / "adapter_config.json").read_text()).get("r", 16)
         cmd += ["--model", str(base), "--served-model-name", f"{name}-base", "--enable-lora",
                 "--lora-modules", f"{name}={weights}",
