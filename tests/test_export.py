@@ -110,3 +110,52 @@ def test_a_failing_parity_step_removes_its_output_and_exits_2(tmp_path, trained,
     assert main(["export", str(trained["lora"]), "--to", str(tmp_path / "none"), "--probe-rows", "4"]) == 2
     assert "merged model differs" in capsys.readouterr().err and not (tmp_path / "none").exists()
     assert main(["export", str(trained["lora"]), "--to", str(out), "--verify-only", "--probe-rows", "4"]) == 2
+
+
+# ---- issue 17.1: `tunelab serve` of the export and exact match in the parity report ------------------------
+
+
+def test_parity_serves_the_export_and_keeps_exact_match(tmp_path, trained, tiny_model, capsys, monkeypatch):
+    from tunelab import parity
+    from tunelab.generate import GenParams, generate
+    from tunelab.models import load_for_inference
+
+    # a generation task the adapter model answers right on half the items (targets: its own first word)
+    loaded = load_for_inference(str(trained["lora"]))
+    qs = [f"Question: Add {i} and {i}.\nAnswer:" for i in range(8)]
+    outs = generate(loaded, qs, GenParams(max_new_tokens=4), template="plain")
+    targets = [(o.text.split() or ["?"])[0] if i % 2 == 0 else "zzzz" for i, o in enumerate(outs)]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"q": f"Add {i} and {i}.", "a": a}) + "\n"
+                                              for i, a in enumerate(targets)))
+    (tmp_path / "t.yaml").write_text("name: firstword\nkind: generate\npath: t.jsonl\n"
+                                     "context: \"Question: {q}\\nAnswer:\"\ntarget: \"{a}\"\nmax_new_tokens: 4\n"
+                                     "regex: \"^\\\\s*(\\\\S+)\"\n")
+    out = tmp_path / "e"
+    capsys.readouterr()
+    assert main(["export", str(trained["lora"]), "--to", str(out), "--probe-rows", "8",
+                 "--task", str(tmp_path / "t.yaml")]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    rep = json.loads((out / "parity.json").read_text())
+    steps = {r["step"]: r for r in rep["steps"]}
+    assert rep["passed"] and rep["exact_match"]["adapter"] == {"firstword": 0.5}
+    assert rep["exact_match"]["items"] == {"firstword": 8}
+    assert steps["merged (float32)"]["exact_match"] == {"firstword": 0.5}
+    srv = steps["serve (float32)"]
+    assert srv["greedy_identical"] == srv["rows"] == 8 and srv["exact_match"] == {"firstword": 0.5}
+    assert srv["max_abs_dlogp"] is None and "logprobs with a 400" in srv["note"]
+    assert "serve (float32)" in err and "exact match of the adapter model: firstword 50.0%" in err
+    # the server's weights are what is measured: an export whose weights are the untuned base fails there
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    shutil.copy(tiny_model / "model.safetensors", bad / "model.safetensors")
+    assert main(["export", str(trained["lora"]), "--to", str(bad), "--verify-only", "--probe-rows", "8"]) == 2
+    steps = {r["step"]: r for r in json.loads((bad / "parity.json").read_text())["steps"]}
+    assert not steps["serve (float32)"]["passed"] and steps["serve (float32)"]["greedy_identical"] < 8
+    # a serve step outside its bound: exit 2 with the table, the (verified) export is kept
+    monkeypatch.setitem(parity.EXACT_MATCH_DROP, "serve (float32)", -0.01)
+    capsys.readouterr()
+    assert main(["export", str(trained["lora"]), "--to", str(tmp_path / "s"), "--probe-rows", "8",
+                 "--task", str(tmp_path / "t.yaml")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "parity check failed for `tunelab serve` of the export" in err and "FAIL" in err
+    assert (tmp_path / "s" / "model.safetensors").is_file()

@@ -166,3 +166,15 @@ def test_system_flag_reaches_the_prompt(tmp_path, tiny_model, capsys, monkeypatc
     assert row["rendered_prompt"].startswith("⟦<|im_start|>⟧system\nAnswer in Korean.⟦<|im_end|>⟧\n")
     assert main(["generate", str(tiny_model), "--system", "x", "-p", "Hi"]) == 2  # alpaca has no system part
     assert "--system: the alpaca template has no system message" in capsys.readouterr().err
+
+
+def test_a_seeded_sample_is_the_same_alone_and_in_any_batch(loaded):
+    """decode.py draws each row from its own generator seeded with the row's seed (issue 17.6: the server
+    batches requests as they arrive, and a seeded request must not depend on its neighbours)."""
+    prompts = ["Add 1 and 2.", "Hi", "Add 10 and 20 and then tell me about the capital city of the country."]
+    p = GenParams(max_new_tokens=10, do_sample=True, temperature=1.0, top_k=50, seed=5)
+    single = [generate_batch(loaded, [x], p)[0].text for x in prompts]
+    assert [c.text for c in generate_batch(loaded, prompts, p)] == single
+    assert [c.text for c in generate_batch(loaded, prompts[::-1], p)] == single[::-1]
+    other = [generate_batch(loaded, [x], GenParams(**{**p.__dict__, "seed": 6}))[0].text for x in prompts]
+    assert other != single

@@ -249,10 +249,10 @@ def test_content_parts_and_the_chat_default_length(server):
     assert r.usage.completion_tokens > 16 or r.choices[0].finish_reason == "stop"
 
 
-def test_vllm_command_passes_auth_name_limits_and_the_training_template(tiny_model, tmp_path):
+def test_vllm_command_passes_name_limits_and_the_training_template_and_the_key_by_env(tiny_model, tmp_path):
     from types import SimpleNamespace
 
-    from tunelab.serve import vllm_command
+    from tunelab.serve import vllm_command, vllm_env
 
     run = tmp_path / "myrun"
     (run / "final").mkdir(parents=True)
@@ -260,10 +260,12 @@ def test_vllm_command_passes_auth_name_limits_and_the_training_template(tiny_mod
     (run / "final" / "adapter_config.json").write_text('{"r": 24}')
     args = SimpleNamespace(host="0.0.0.0", port=9000, name=None, template=None, max_prompt_tokens=300,
                            max_tokens_limit=100, max_batch=8)
-    cmd = vllm_command(args, str(run), "s3cret", tmp_path)
+    cmd = vllm_command(args, str(run), tmp_path)
     opt = {a: b for a, b in zip(cmd, cmd[1:]) if a.startswith("--")}
     assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
-    assert opt["--api-key"] == "s3cret" and opt["--host"] == "0.0.0.0" and opt["--port"] == "9000"
+    assert "--api-key" not in cmd and opt["--host"] == "0.0.0.0" and opt["--port"] == "9000"
+    env = vllm_env("s3cret", {"PATH": "/bin"})
+    assert env == {"PATH": "/bin", "VLLM_API_KEY": "s3cret"} and vllm_env(None, {"PATH": "/bin"}) == {"PATH": "/bin"}
     assert opt["--model"] == str(tiny_model) and opt["--lora-modules"] == f"myrun={run / 'final'}"
     assert "--enable-lora" in cmd and opt["--max-lora-rank"] == "32"
     assert opt["--max-model-len"] == "400" and opt["--max-num-seqs"] == "8"
@@ -271,6 +273,230 @@ def test_vllm_command_passes_auth_name_limits_and_the_training_template(tiny_mod
     assert opt["--chat-template"] == str(tmp_path / "chat_template.jinja")
     # a plain model: served under --name, no key -> no --api-key
     args.name, args.max_prompt_tokens = "m", 4000
-    cmd = vllm_command(args, str(tiny_model), None, tmp_path)
+    cmd = vllm_command(args, str(tiny_model), tmp_path)
     opt = {a: b for a, b in zip(cmd, cmd[1:]) if a.startswith("--")}
     assert opt["--served-model-name"] == "m" and "--api-key" not in cmd and opt["--max-model-len"] == "512"
+
+
+def test_the_vllm_hand_off_gives_the_key_to_vllm_by_environment_only(tiny_model, tmp_path):
+    """`tunelab serve --backend vllm --api-key-env K` really execs vLLM's server (here a stand-in module
+    named vllm.entrypoints.openai.api_server that records what it was started with): the key is in its
+    environment as VLLM_API_KEY, nowhere in its command line (/proc/self/cmdline, what `ps` shows), nor
+    in what tunelab printed."""
+    import os
+    import subprocess
+    import sys
+
+    fake = tmp_path / "fake"
+    pkg = fake / "vllm" / "entrypoints" / "openai"
+    pkg.mkdir(parents=True)
+    for d in (fake / "vllm", fake / "vllm" / "entrypoints", pkg):
+        (d / "__init__.py").write_text("")
+    seen = tmp_path / "seen.json"
+    (pkg / "api_server.py").write_text(
+        "import json, os, sys\n"
+        f"open({str(seen)!r}, 'w').write(json.dumps({{'argv': sys.argv, "
+        "'cmdline': open('/proc/self/cmdline', 'rb').read().decode(errors='replace'), "
+        "'key': os.environ.get('VLLM_API_KEY')}))\n")
+    # vLLM needs CUDA and the vllm package: here both are stand-ins. The fake package is put on the path
+    # of the exec'd server only (transformers, imported first, would take it for a real vLLM).
+    code = ("import importlib.util, os, sys, torch\n"
+            "import tunelab.models, tunelab.serve, tunelab.shiptemplate\n"  # imported with the real CUDA check
+            "from tunelab.cli import main\n"
+            "torch.cuda.is_available = lambda: True\n"
+            "find = importlib.util.find_spec\n"
+            "importlib.util.find_spec = lambda name, *a: True if name == 'vllm' else find(name, *a)\n"
+            f"os.environ['PYTHONPATH'] = {str(fake)!r} + os.pathsep + os.environ.get('PYTHONPATH', '')\n"
+            f"sys.exit(main(['serve', {str(tiny_model)!r}, '--backend', 'vllm', '--api-key-env', 'MY_KEY', "
+            "'--name', 'tiny', '--port', '0']))")
+    secret = "sk-very-secret-4711"
+    env = {**os.environ, "MY_KEY": secret, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    env.pop("VLLM_API_KEY", None)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(seen.read_text())
+    assert got["key"] == secret
+    assert secret not in got["cmdline"] and secret not in " ".join(got["argv"])
+    assert secret not in r.stdout + r.stderr and "VLLM_API_KEY" in r.stdout + r.stderr
+    assert "--served-model-name" in got["argv"] and "tiny" in got["argv"]
+
+
+# ---- issue 17.6: one decoding core; `tunelab serve` (its own process) answers as `tunelab generate` does ---------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model, tmp_path_factory):
+    """`tunelab serve` started as its own process on a copy of the tiny model whose generation_config
+    biases a completion prompt that ends in '~' into 'rererere...' (sequence_bias: transformers applies it
+    inside model.generate, so generate and serve see it alike). Yields (url, the same model loaded here)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    folder = tmp_path_factory.mktemp("served") / "model"
+    shutil.copytree(tiny_model, folder)
+    loaded = load_for_inference(str(folder))
+    tilde, re_ = (loaded.tokenizer.encode(t, add_special_tokens=False) for t in ("~", "re"))
+    assert len(tilde) == len(re_) == 1
+    gc = json.loads((folder / "generation_config.json").read_text())
+    gc["sequence_bias"] = [[tilde + re_, 100.0], [re_ + re_, 200.0]]
+    (folder / "generation_config.json").write_text(json.dumps(gc))
+    loaded = load_for_inference(str(folder))
+    port = _free_port()
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "tunelab", "serve", str(folder), "--port", str(port), "--name",
+                             "tiny", "--backend", "transformers", "--max-tokens-limit", "64"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=5) as r:
+                    if json.loads(r.read())["status"] == "ok":
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "tunelab serve did not come up"
+            time.sleep(0.5)
+        yield url, loaded
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+PARITY_PROMPTS = ["Question: Add 3 and 4.\nAnswer:", "Hi", "Write a response about the number 7 and the city.",
+                  "the capital city of the country is"]
+
+
+def _concurrently(fn, items):
+    with ThreadPoolExecutor(len(items)) as pool:  # requests that arrive together share a batch
+        return list(pool.map(fn, items))
+
+
+def test_served_greedy_text_equals_generate(served):
+    url, loaded = served
+    c = _client(url)
+    got = _concurrently(lambda p: c.completions.create(model="tiny", prompt=p, max_tokens=12, temperature=0)
+                        .choices[0].text, PARITY_PROMPTS)
+    assert got == [generate_batch(loaded, [p], GenParams(max_new_tokens=12), template="plain")[0].text
+                   for p in PARITY_PROMPTS]
+    chat = _concurrently(lambda p: c.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": p}], max_tokens=12, temperature=0).choices[0].message.content,
+        PARITY_PROMPTS)
+    assert chat == [generate_batch(loaded, [p], GenParams(max_new_tokens=12))[0].text for p in PARITY_PROMPTS]
+
+
+def test_served_seeded_sampling_equals_generate(served):
+    """A request with a seed samples exactly what `tunelab generate --do-sample --seed` samples, whatever
+    other requests share its batch (each row draws from its own seeded generator)."""
+    url, loaded = served
+    c = _client(url)
+    cases = [(p, seed) for p in PARITY_PROMPTS[:2] for seed in (1, 2, 3)]
+    got = _concurrently(lambda ps: c.completions.create(model="tiny", prompt=ps[0], max_tokens=16, temperature=0.9,
+                                                        top_p=0.95, seed=ps[1]).choices[0].text, cases)
+    want = [generate_batch(loaded, [p], GenParams(max_new_tokens=16, do_sample=True, temperature=0.9, top_p=0.95,
+                                                  seed=seed), template="plain")[0].text for p, seed in cases]
+    assert got == want
+    assert len(set(want[:3])) > 1  # really sampled: other seeds, other texts
+    streamed = c.completions.create(model="tiny", prompt=cases[0][0], max_tokens=16, temperature=0.9, top_p=0.95,
+                                    seed=cases[0][1], stream=True)
+    assert "".join(ch.choices[0].text for ch in streamed) == want[0]
+
+
+def test_served_stop_strings_cut_as_generate_including_a_multi_token_stop(served):
+    url, loaded = served
+    c = _client(url)
+    free = generate_batch(loaded, ["Spell it~"], GenParams(max_new_tokens=12), template="plain")[0].text
+    assert free.startswith("rererere")  # the biased continuation
+    text = generate_batch(loaded, [PARITY_PROMPTS[2]], GenParams(max_new_tokens=24), template="plain")[0].text
+    cases = [("Spell it~", "ererer"), ("Spell it~", ["xyz", "rere"]), (PARITY_PROMPTS[2], text[2:8]),
+             (PARITY_PROMPTS[2], [text[6:9], text[1:12]])]
+    for prompt, stop in cases:
+        stops = stop if isinstance(stop, list) else [stop]
+        ref = generate_batch(loaded, [prompt], GenParams(max_new_tokens=24, stop=stops), template="plain")[0]
+        r = c.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0, stop=stop)
+        assert (r.choices[0].text, r.choices[0].finish_reason) == (ref.text, ref.finish_reason), stop
+        chunks = list(c.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0, stop=stop,
+                                           stream=True))
+        assert "".join(ch.choices[0].text for ch in chunks) == ref.text, stop
+    assert generate_batch(loaded, ["Spell it~"], GenParams(max_new_tokens=24, stop=["ererer"]),
+                          template="plain")[0].text == "r"  # the issue's case: 'r', not 'rerere'
+
+
+def test_generate_and_serve_call_the_one_decoding_core(server, monkeypatch):
+    from tunelab import decode as core
+
+    calls = []
+    real = core.decode
+    monkeypatch.setattr(core, "decode", lambda loaded, rows: calls.append(len(rows)) or real(loaded, rows))
+    _, url, loaded = server
+    generate_batch(loaded, ["Hi"], GenParams(max_new_tokens=2))
+    code, _ = _post(url, "/v1/completions", json.dumps({"prompt": "Hi", "max_tokens": 2}).encode())
+    assert code == 200 and calls == [1, 1]
+
+
+def test_completion_prompt_as_token_ids(server):
+    """OpenAI's `prompt` as a list of token ids is sent exactly as given (export's parity report uses it)."""
+    _, url, loaded = server
+    prompt = "Question: Add 3 and 4.\nAnswer:"
+    ids = loaded.tokenizer.encode(prompt, add_special_tokens=False)
+    as_text = _post(url, "/v1/completions", json.dumps({"prompt": prompt, "max_tokens": 6, "temperature": 0}).encode())
+    as_ids = _post(url, "/v1/completions", json.dumps({"prompt": ids, "max_tokens": 6, "temperature": 0}).encode())
+    assert as_ids[0] == 200 and as_ids[1]["choices"][0]["text"] == as_text[1]["choices"][0]["text"]
+    assert as_ids[1]["usage"]["prompt_tokens"] == len(ids)
+    code, obj = _post(url, "/v1/completions", json.dumps({"prompt": [5, 10 ** 6]}).encode())
+    assert code == 400 and "token ids must be in" in obj["error"]["message"]
+
+
+def test_max_tokens_beyond_the_context_is_a_400_naming_the_field():
+    from types import SimpleNamespace
+
+    from tunelab.serve import ApiError, Server
+
+    srv = SimpleNamespace(max_prompt_tokens=1000, max_tokens_limit=200, context=512)
+    ids = list(range(400))
+    job = Server.job_from(srv, {"messages": [], "temperature": 0}, ids)  # chat default: the context left
+    assert job.params.max_new_tokens == 112 and not job.params.do_sample
+    assert Server.job_from(srv, {"prompt": "x"}, list(range(500))).params.max_new_tokens == 12  # legacy 16, fitted
+    for field in ("max_tokens", "max_completion_tokens"):
+        with pytest.raises(ApiError, match=f"with {field} 150 that is 550 > the model's context of 512") as e:
+            Server.job_from(srv, {"prompt": "x", field: 150}, ids)
+        assert e.value.param == field and e.value.code == "context_length_exceeded"
+
+
+def test_the_vllm_hand_off_refuses_an_adapter_on_another_base(tiny_model, tmp_path):
+    import shutil
+    from types import SimpleNamespace
+
+    from tunelab.models import ModelError
+    from tunelab.serve import vllm_command
+
+    other = tmp_path / "mistral"
+    shutil.copytree(tiny_model, other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg.update(model_type="mistral", architectures=["MistralForCausalLM"])
+    (other / "config.json").write_text(json.dumps(cfg))
+    run = tmp_path / "myrun"
+    (run / "final").mkdir(parents=True)
+    (run / "config.yaml").write_text(f"model: {{name: {other}}}\ndata: {{template: alpaca}}\n")
+    (run / "final" / "adapter_config.json").write_text('{"r": 8}')
+    (run / "final" / "tunelab_base.json").write_text(json.dumps({"base": str(tiny_model), "fingerprint": {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama"}}))
+    args = SimpleNamespace(host="127.0.0.1", port=9000, name=None, template=None, max_prompt_tokens=300,
+                           max_tokens_limit=100, max_batch=8)
+    with pytest.raises(ModelError, match="trained on a different base"):
+        vllm_command(args, str(run), tmp_path)

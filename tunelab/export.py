@@ -25,7 +25,17 @@ from .config import ConfigError
 from .data.templates import TemplateError
 from .fsutil import atomic_dir
 from .models import find_run
-from .parity import THRESHOLDS, compare, measure, probe_set, report, table
+from .parity import (
+    THRESHOLDS,
+    compare,
+    measure,
+    model_exact_match,
+    probe_set,
+    report,
+    serve_step,
+    table,
+    task_probes,
+)
 from .shiptemplate import jinja_template, modelfile
 from .ui import console
 
@@ -48,6 +58,10 @@ def add_parser(sub) -> None:
     p.add_argument("--probe-rows", type=int, default=32, help="held-out rows in the parity report (parity.json)")
     p.add_argument("--verify-only", action="store_true",
                    help="write nothing but parity.json: compare the existing export in --to with the run's adapter")
+    p.add_argument("--task", action="append", default=[], metavar="FILE",
+                   help="a generation task (as `tunelab eval --tasks`) whose exact match every step must keep "
+                        "(repeatable; the run's eval.tasks are used too); its first --probe-rows items")
+    p.add_argument("--no-serve", action="store_true", help="leave `tunelab serve` of the export out of the report")
 
 
 def _load_merged(run_path: Path, dtype_name: str):
@@ -184,10 +198,17 @@ def cmd_export(args) -> int:
                               f"model's on {len(want) - same} of {len(want)} prompts; nothing was written")
         console.print(f"verified: greedy outputs of the export equal the adapter model's on {same}/{len(want)} prompts")
         probes, source = probe_set(find_run(Path(args.run))[0], cfg, tok, args.probe_rows)
+        tps, notes = task_probes(cfg.eval.tasks, args.task, args.probe_rows)
         ref_m = measure(ref, tok, probes, args.verify_tokens)
-        results = [compare(merged_step(reloaded), ref_m, measure(reloaded, tok, probes, args.verify_tokens))]
+        ref_em = model_exact_match(ref, tok, template, system_prompt, tps)
+
+        def em(model):
+            return model_exact_match(model, tok, template, system_prompt, tps)
+
+        results = [compare(merged_step(reloaded), ref_m, measure(reloaded, tok, probes, args.verify_tokens),
+                           ref_em, em(reloaded))]
         if not results[0].passed:
-            console.print(table(results, source), markup=False)
+            console.print(table(results, source, ref_em, notes), markup=False)
             raise ExportError("parity check failed: the merged model differs from the adapter model beyond the "
                               "bounds above; nothing was written")
         gguf_failed = None
@@ -200,11 +221,18 @@ def cmd_export(args) -> int:
             if agree < (0.95 if args.gguf == "f16" else 0.85):
                 raise ExportError(f"GGUF check failed: only {100 * agree:.1f}% next-token agreement; "
                                   f"nothing was written")
-            results.append(compare(f"gguf {args.gguf}", ref_m, measure(load_gguf(gguf_path), tok, probes,
-                                                                         args.verify_tokens)))
+            g = load_gguf(gguf_path)
+            results.append(compare(f"gguf {args.gguf}", ref_m, measure(g, tok, probes, args.verify_tokens),
+                                   ref_em, em(g)))
+            del g
             if not results[-1].passed:  # its own output goes; the verified safetensors export stays
                 gguf_path.unlink()
                 gguf_failed = gguf_path.name
+        serve_failed = False
+        if not args.no_serve:  # `tunelab serve` of the export, as a user would run it (it has no output to remove)
+            results.append(serve_step(tmp, tok, probes, ref_m[1], args.verify_tokens, template, system_prompt,
+                                      tps, ref_em))
+            serve_failed = not results[-1].passed
         if args.gguf and not gguf_failed:
             try:
                 (tmp / "Modelfile").write_text(ollama_modelfile(gguf_path.name, template, tok, system_prompt,
@@ -213,8 +241,9 @@ def cmd_export(args) -> int:
                               f"{stop_strings(tok, merged.generation_config)})")
             except TemplateError as e:  # the GGUF still carries the Jinja template; only Ollama's copy is missing
                 console.print(f"[yellow]no Ollama Modelfile: {e}[/yellow]")
-        console.print(table(results, source), markup=False)
-        (tmp / "parity.json").write_text(json.dumps(report(results, source, args.verify_tokens), indent=2))
+        console.print(table(results, source, ref_em, notes), markup=False)
+        (tmp / "parity.json").write_text(json.dumps(report(results, source, args.verify_tokens, ref_em, tps, notes),
+                                                    indent=2))
         (tmp / "tunelab_export.json").write_text(json.dumps(
             {"source": str(args.run), "note": note, "template": template, "gguf": args.gguf,
              "verified_prompts": len(want), "system_prompt": system_prompt,
@@ -222,6 +251,9 @@ def cmd_export(args) -> int:
     if gguf_failed:
         raise ExportError(f"parity check failed for {gguf_failed} (table above): it was removed; the safetensors "
                           f"export in {out} passed and is kept")
+    if serve_failed:
+        raise ExportError(f"parity check failed for `tunelab serve` of the export (table above): the server's "
+                          f"answers differ from the adapter model's; the export in {out} is kept")
     console.print(f"exported to {out}")
     return 0
 
@@ -239,17 +271,30 @@ def verify_only(args, out: Path) -> int:
 
     if not (out / "config.json").is_file():
         raise ExportError(f"--verify-only: {out} is not an export folder (no config.json)")
-    ref, _, tok, _, _, cfg = _load_merged(Path(args.run), "float32")
+    ref, _, tok, _, template, cfg = _load_merged(Path(args.run), "float32")
+    system_prompt = cfg.data.system_prompt
     probes, source = probe_set(find_run(Path(args.run))[0], cfg, tok, args.probe_rows)
+    tps, notes = task_probes(cfg.eval.tasks, args.task, args.probe_rows)
     ref_m = measure(ref, tok, probes, args.verify_tokens)
+    ref_em = model_exact_match(ref, tok, template, system_prompt, tps)
+
+    def em(model):
+        return model_exact_match(model, tok, template, system_prompt, tps)
+
     exported = AutoModelForCausalLM.from_pretrained(str(out), dtype="auto").eval()
-    results = [compare(merged_step(exported), ref_m, measure(exported, tok, probes, args.verify_tokens))]
+    results = [compare(merged_step(exported), ref_m, measure(exported, tok, probes, args.verify_tokens),
+                       ref_em, em(exported))]
     for g in sorted(out.glob("model-*.gguf")):
         kind = g.stem.split("-", 1)[1]
         if f"gguf {kind}" in THRESHOLDS:
-            results.append(compare(f"gguf {kind}", ref_m, measure(load_gguf(g), tok, probes, args.verify_tokens)))
-    console.print(table(results, source), markup=False)
-    atomic_write_text(out / "parity.json", json.dumps(report(results, source, args.verify_tokens), indent=2))
+            m = load_gguf(g)
+            results.append(compare(f"gguf {kind}", ref_m, measure(m, tok, probes, args.verify_tokens), ref_em, em(m)))
+    if not args.no_serve:
+        results.append(serve_step(out, tok, probes, ref_m[1], args.verify_tokens, template, system_prompt, tps,
+                                  ref_em))
+    console.print(table(results, source, ref_em, notes), markup=False)
+    atomic_write_text(out / "parity.json", json.dumps(report(results, source, args.verify_tokens, ref_em, tps, notes),
+                                                      indent=2))
     failed = [r.step for r in results if not r.passed]
     if failed:
         raise ExportError(f"parity check failed for {', '.join(failed)} (table above; {out / 'parity.json'})")

@@ -3,9 +3,9 @@
 Prompts are whole examples (instruction, input or chat turns) rendered by `templates.render_prompt`
 with the run's template and system prompt (the function training used; `prompt_ids` is the one
 path from an example to the ids the model is sent, which `tunelab check` compares with training's),
-left-padded into batches of similar length, and decoded greedily or by sampling. Stop strings end
-a completion inside `model.generate` (a StoppingCriteria of our own, `_StopStrings`: transformers'
-stop_strings also matches across the prompt boundary) and are cut from the returned text.
+left-padded into batches of similar length, and decoded greedily or by sampling by `decode.decode`,
+the decoding core `tunelab serve` uses too (per-row sampling seeded per row, stop strings matched in
+the generated text only and cut from it, EOS, streaming).
 Results are cached on disk (see cache.py) so reruns are instant. A prompt that with max_new_tokens
 would not fit the model's context window is refused before anything runs; a reply cut inside a
 multi-byte character (max_new_tokens reached mid-Hangul) ends before that character, never in U+FFFD.
@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError
+from . import decode as core
 from .data.templates import Example, TemplateError, encode_prompt, example_from_row, render_prompt
 
 
@@ -59,7 +60,9 @@ class GenParams:
             raise GenerationError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
     def key(self) -> dict:
-        return asdict(self)
+        # sampled texts cached before decode.py drew each row from its own seeded generator were drawn
+        # differently: a new key keeps them from standing in for today's sample (greedy keys are unchanged)
+        return {**asdict(self), **({"sampler": "row-seeded"} if self.do_sample else {})}
 
 
 @dataclass
@@ -89,54 +92,6 @@ def prompt_ids(loaded, prompt: str | Example, template: str | None = None) -> li
     return encode_prompt(loaded.tokenizer, build_prompt(loaded, prompt, template))
 
 
-class _StopStrings:
-    """Stop a row once its *generated* text contains a stop string.
-
-    Hand-written because transformers' stop_strings also matches across the prompt boundary
-    (an Alpaca prompt ends in "\n", so stop="\n\n" fired on a first generated "\n")."""
-
-    def __init__(self, tokenizer, stops: list[str], prompt_width: int):
-        self.tok, self.stops, self.width = tokenizer, stops, prompt_width
-        self.tail = max(len(s) for s in stops) + 2  # every token is at least one character
-
-    def __call__(self, input_ids, scores, **kwargs):
-        done = []
-        for row in input_ids[:, self.width:]:
-            text = self.tok.decode(row[-self.tail:], skip_special_tokens=True)
-            done.append(any(s in text for s in self.stops))
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-
-class _TerminalStream:
-    """Print one prompt's completion token by token (transformers' TextStreamer does the incremental
-    decoding); text that could still turn into a stop string is held back, so what is printed is
-    exactly the returned completion."""
-
-    def __init__(self, tokenizer, stops: list[str], write):
-        from transformers import TextStreamer
-
-        self.stops, self.write, self.text, self.shown = stops, write, "", 0
-        self.hold = max((len(s) for s in stops), default=1) - 1
-        self.inner = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self.inner.on_finalized_text = self._on_text
-
-    def put(self, value):
-        self.inner.put(value)
-
-    def end(self):
-        self.inner.end()
-
-    def _on_text(self, text: str, stream_end: bool = False):
-        self.text += text
-        if stream_end:  # an incomplete last character is held back, as in decode_whole
-            self.text = self.text.rstrip("\ufffd")
-        cut, stopped = cut_at_stop(self.text, self.stops)
-        upto = len(cut) if (stopped or stream_end) else max(self.shown, len(cut) - self.hold)
-        if upto > self.shown:
-            self.write(cut[self.shown:upto])
-            self.shown = upto
-
-
 def unescape(stop: str) -> str:
     """`--stop '\\n'` means a newline: the usual backslash escapes (\\n, \\t, \\\\, \\uXXXX, \\x..) are decoded.
     Python's own unicode_escape codec does the work; non-Latin-1 text survives via backslashreplace."""
@@ -144,18 +99,6 @@ def unescape(stop: str) -> str:
         return stop.encode("latin-1", "backslashreplace").decode("unicode_escape")
     except UnicodeDecodeError as e:
         raise GenerationError(f"--stop {stop!r}: bad escape ({e.reason})") from None
-
-
-def decode_whole(tok, ids: list[int]) -> str:
-    """The text of generated ids without a trailing incomplete character: byte-level tokenizers split a
-    Hangul syllable (3 UTF-8 bytes) into several tokens, and a reply cut between them would end in U+FFFD.
-    Up to 3 trailing tokens (the bytes of one incomplete character) are held back."""
-    text = tok.decode(ids, skip_special_tokens=True)
-    for k in range(1, min(3, len(ids)) + 1):
-        if not text.endswith("\ufffd"):
-            break
-        text = tok.decode(ids[:-k], skip_special_tokens=True)
-    return text
 
 
 def context_limit(loaded) -> int | None:
@@ -170,11 +113,6 @@ def check_fits(loaded, n_prompt: int, max_new_tokens: int, what: str = "the prom
         raise GenerationError(f"{what} is {n_prompt} tokens; with max_new_tokens {max_new_tokens} that is "
                               f"{n_prompt + max_new_tokens} > the model's context window of {limit} tokens "
                               f"(shorten the prompt or lower --max-new-tokens)")
-
-
-def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
-    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
 
 
 def decode_threads(model, rows: int, reps: int = 5) -> int:
@@ -210,51 +148,20 @@ def decode_threads(model, rows: int, reps: int = 5) -> int:
     return 1 if one < many else n
 
 
-@torch.inference_mode()
 def generate_batch(loaded, prompts: list[str | Example], params: GenParams, template: str | None = None,
                    stream=None) -> list[Completion]:
-    """One left-padded batch through model.generate. `prompts` are raw user prompts or examples.
-    `stream(text)` receives a single prompt's completion piece by piece as it is generated."""
-    tok, model = loaded.tokenizer, loaded.model
-    ids = [prompt_ids(loaded, p, template) for p in prompts]
-    width = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), width), tok.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for i, x in enumerate(ids):  # left padding: every row's last prompt token sits at the same column
-        input_ids[i, width - len(x):] = torch.tensor(x)
-        mask[i, width - len(x):] = 1
-    kwargs = dict(max_new_tokens=params.max_new_tokens, do_sample=params.do_sample,
-                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    if params.do_sample:
-        kwargs.update({k: v for k, v in (("temperature", params.temperature), ("top_p", params.top_p),
-                                          ("top_k", params.top_k)) if v is not None})
-    else:  # explicit, so a model's generation_config can't switch sampling knobs on behind our back
-        kwargs.update(temperature=None, top_p=None, top_k=None)
-    if params.repetition_penalty is not None:
-        kwargs["repetition_penalty"] = params.repetition_penalty
-    if params.stop:
-        kwargs["stopping_criteria"] = [_StopStrings(tok, params.stop, width)]
-    if stream is not None and len(prompts) == 1:
-        kwargs["streamer"] = _TerminalStream(tok, params.stop, stream)
+    """One left-padded batch through the decoding core (decode.decode). `prompts` are raw user prompts or
+    examples. `stream(text)` receives a single prompt's completion piece by piece as it is generated."""
+    rows = [core.Row(prompt_ids(loaded, p, template), params,
+                     on_text=stream if stream is not None and len(prompts) == 1 else None) for p in prompts]
     threads = torch.get_num_threads()
     if loaded.device == "cpu":  # decode on one thread where the machine is too busy for several (see decode_threads)
-        torch.set_num_threads(decode_threads(model, len(prompts)))
-    torch.manual_seed(params.seed)  # after the probe's random matrices: sampling stays reproducible
+        torch.set_num_threads(decode_threads(loaded.model, len(prompts)))
     try:
-        out = model.generate(input_ids=input_ids.to(loaded.device), attention_mask=mask.to(loaded.device), **kwargs)
+        out = core.decode(loaded, rows)
     finally:
         torch.set_num_threads(threads)
-    results = []
-    for i, p in enumerate(prompts):
-        new = out[i, width:].tolist()
-        ended = tok.eos_token_id in new
-        if ended:
-            new = new[: new.index(tok.eos_token_id)]
-        while new and new[-1] == tok.pad_token_id:
-            new.pop()
-        text, stopped = cut_at_stop(decode_whole(tok, new), params.stop)
-        results.append(Completion(as_example(p).display(), text, len(new), "stop" if (ended or stopped) else "length"))
-    return results
+    return [Completion(as_example(p).display(), d.text, len(d.ids), d.finish_reason) for p, d in zip(prompts, out)]
 
 
 def generate(loaded, prompts: list[str | Example], params: GenParams, *, batch_size: int = 16, cache=None,

@@ -2,9 +2,10 @@
 
 Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both
 with `stream: true` as server-sent events). Concurrent requests are batched: a single worker
-thread owns the model, collects the requests that arrive within a short window, prefills them as
-one left-padded batch and decodes them step by step together (each row with its own sampling
-settings, stop strings and max_tokens), streaming tokens to each client as they come.
+thread owns the model, collects the requests that arrive within a short window and decodes them as
+one left-padded batch with `decode.decode`, the decoding core `tunelab generate` uses (each row with
+its own sampling settings and seed, stop strings and max_tokens), streaming text to each client as
+it becomes final and answering each one as soon as its row ends.
 /v1/completions takes the prompt as is; /v1/chat/completions renders the whole conversation
 (system message and every earlier turn) with `templates.render_prompt`, the function training
 and `tunelab generate` use: a chat_template run (and a bare model whose tokenizer has a chat
@@ -33,8 +34,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
+from . import decode as core
 from .data.templates import Example, TemplateError, encode_prompt, render_prompt
-from .generate import cut_at_stop
+from .generate import GenParams
 from .ui import console
 
 
@@ -51,11 +53,7 @@ class ApiError(Exception):
 @dataclass
 class Job:
     ids: list[int]
-    max_tokens: int
-    temperature: float
-    top_p: float
-    stop: list[str]
-    seed: int | None
+    params: GenParams  # what `tunelab generate` would be given for the same request
     out: queue.Queue = field(default_factory=queue.Queue)  # ("token", text) ... ("done", finish_reason, n)
 
 
@@ -101,81 +99,11 @@ class Engine:
                 for j in batch:
                     j.out.put(("error", f"{type(e).__name__}: {e}"))
 
-    @torch.inference_mode()
     def _run(self, batch: list[Job]) -> None:
-        from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
-
         self.batches += 1
-        model, tok, dev = self.loaded.model, self.loaded.tokenizer, self.loaded.device
-        n, width = len(batch), max(len(j.ids) for j in batch)
-        ids = torch.full((n, width), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((n, width), dtype=torch.long)
-        for i, j in enumerate(batch):
-            ids[i, width - len(j.ids):] = torch.tensor(j.ids)
-            mask[i, width - len(j.ids):] = 1
-        ids, mask = ids.to(dev), mask.to(dev)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-        past, logits = out.cache, out.logits[:, -1].float()  # `cache`: past_key_values is deprecated in 5.x
-        gens = [torch.Generator().manual_seed(j.seed if j.seed is not None else int(time.time_ns() % 2**31))
-                for j in batch]
-        generated: list[list[int]] = [[] for _ in batch]
-        sent = [""] * n
-        alive = [True] * n
-        last_pos = pos[:, -1:]
-        for step in range(max(j.max_tokens for j in batch)):
-            nxt = torch.empty(n, dtype=torch.long)
-            for i, j in enumerate(batch):
-                if not alive[i]:
-                    nxt[i] = tok.pad_token_id
-                    continue
-                row = logits[i: i + 1]
-                if j.temperature <= 0:
-                    nxt[i] = int(row.argmax(-1))
-                else:
-                    row = TemperatureLogitsWarper(j.temperature)(None, row)
-                    if j.top_p < 1.0:
-                        row = TopPLogitsWarper(j.top_p)(None, row)
-                    nxt[i] = int(torch.multinomial(torch.softmax(row, -1).cpu(), 1, generator=gens[i]))
-            for i, j in enumerate(batch):
-                if not alive[i]:
-                    continue
-                t = int(nxt[i])
-                if t == tok.eos_token_id:
-                    alive[i] = False
-                    self._emit(j, sent, i, tok.decode(generated[i], skip_special_tokens=True), final=True)
-                    j.out.put(("done", "stop", len(generated[i])))
-                    continue
-                generated[i].append(t)
-                text, hit = cut_at_stop(tok.decode(generated[i], skip_special_tokens=True), j.stop)
-                length = len(generated[i]) >= j.max_tokens
-                self._emit(j, sent, i, text, final=hit or length)
-                if hit or length:
-                    alive[i] = False
-                    j.out.put(("done", "stop" if hit else "length", len(generated[i])))
-            if not any(alive):
-                break
-            mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=dev)], dim=1)
-            last_pos = last_pos + 1
-            out = model(input_ids=nxt[:, None].to(dev), attention_mask=mask, position_ids=last_pos,
-                        cache=past, use_cache=True, logits_to_keep=1)
-            past, logits = out.cache, out.logits[:, -1].float()  # `cache`: past_key_values is deprecated in 5.x
-
-    @staticmethod
-    def _emit(job: Job, sent: list[str], i: int, text: str, final: bool) -> None:
-        """Send the part of `text` that can no longer change: `generate`'s stop semantics (the text is
-        cut before the first stop string, generate.cut_at_stop) need the last len(longest stop) - 1
-        characters held back until the row ends (they could still begin a stop string), and an
-        unfinished multi-byte character (decoded as U+FFFD) is held back too."""
-        upto = len(text)
-        if not final:
-            upto -= max((len(s) for s in job.stop), default=1) - 1
-            bad = text.find("\ufffd", len(sent[i]))
-            if bad >= 0:
-                upto = min(upto, bad)
-        if upto > len(sent[i]):
-            job.out.put(("token", text[len(sent[i]):upto]))
-            sent[i] = text[:upto]
+        core.decode(self.loaded, [core.Row(j.ids, j.params, on_text=lambda text, j=j: j.out.put(("token", text)),
+                                           on_done=lambda d, j=j: j.out.put(("done", d.finish_reason, len(d.ids))))
+                                  for j in batch])
 
 
 class Server:
@@ -210,17 +138,24 @@ class Server:
             raise ApiError(400, f"the prompt is {len(prompt_ids)} tokens, the model's whole context is "
                                 f"{self.context}", "messages" if "messages" in body else "prompt",
                            "context_length_exceeded")
-        default = min(left, self.max_tokens_limit) if "messages" in body else 16
-        max_tokens = num("max_tokens", default, 1, self.max_tokens_limit, int)
-        if body.get("max_completion_tokens") is not None:
-            max_tokens = num("max_completion_tokens", default, 1, self.max_tokens_limit, int)
+        default = min(left, self.max_tokens_limit if "messages" in body else 16)
+        field_ = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        max_tokens = num(field_, default, 1, self.max_tokens_limit, int)
+        if max_tokens > left:  # as `tunelab generate` refuses it (generate.check_fits), and as vLLM does
+            raise ApiError(400, f"the prompt is {len(prompt_ids)} tokens; with {field_} {max_tokens} that is "
+                                f"{len(prompt_ids) + max_tokens} > the model's context of {self.context} tokens",
+                           field_, "context_length_exceeded")
         stop = body.get("stop") or []
         if isinstance(stop, str):
             stop = [stop]
         if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
             raise ApiError(400, "'stop' must be a string or a list of up to 4 non-empty strings", "stop")
-        return Job(prompt_ids, max_tokens, num("temperature", 1.0, 0, 2), num("top_p", 1.0, 0, 1), stop,
-                   num("seed", None, kind=int) if body.get("seed") is not None else None)
+        temperature, top_p = num("temperature", 1.0, 0, 2), num("top_p", 1.0, 0, 1)
+        seed = num("seed", None, kind=int) if body.get("seed") is not None else int(time.time_ns() % 2**31)
+        sample = temperature > 0 and top_p > 0  # temperature 0 (or top_p 0: only the top token) is greedy
+        return Job(prompt_ids, GenParams(max_new_tokens=max_tokens, do_sample=sample,
+                                         temperature=temperature if sample else None,
+                                         top_p=top_p if sample and top_p < 1 else None, seed=seed, stop=stop))
 
     def check_model(self, body: dict) -> None:
         m = body.get("model")
@@ -230,10 +165,15 @@ class Server:
 
     def completion_prompt(self, body: dict) -> list[int]:
         p = body.get("prompt")
-        if isinstance(p, list) and len(p) == 1 and isinstance(p[0], str):
+        if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
             p = p[0]
+        if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            vocab = len(self.loaded.tokenizer)  # OpenAI's prompt as token ids: sent exactly as given
+            if not all(0 <= t < vocab for t in p):
+                raise ApiError(400, f"'prompt' token ids must be in [0, {vocab})", "prompt")
+            return list(p)
         if not isinstance(p, str):
-            raise ApiError(400, "'prompt' must be a string", "prompt")
+            raise ApiError(400, "'prompt' must be a string or a list of token ids", "prompt")
         return encode_prompt(self.loaded.tokenizer, p)
 
     def chat_prompt(self, body: dict) -> list[int]:
@@ -436,10 +376,11 @@ def add_parser(sub) -> None:
                    help="chat prompt template (default: the run's; a bare model's chat template if it has one)")
 
 
-def vllm_command(args, spec: str, api_key: str | None, template_dir) -> list[str]:
+def vllm_command(args, spec: str, template_dir) -> list[str]:
     """vLLM's OpenAI server command line for what `tunelab serve` was asked: the same host, port,
-    served model name, API key and limits, the adapter as a LoRA module, and the run's training
-    template as its chat template (written into `template_dir`)."""
+    served model name and limits, the adapter as a LoRA module, and the run's training template as its
+    chat template (written into `template_dir`). Never the API key: a command line is readable by every
+    user of the machine (`ps`, /proc/PID/cmdline) and lands in shell history; `vllm_env` passes it."""
     import sys
     from pathlib import Path
 
@@ -452,7 +393,10 @@ def vllm_command(args, spec: str, api_key: str | None, template_dir) -> list[str
     name = args.name or (run.name if run is not None else Path(spec.rstrip("/")).name or spec)
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", args.host, "--port", str(args.port)]
     if weights is not None and (weights / "adapter_config.json").is_file():
+        from .models import check_adapter_base
+
         base = resolve_model(rc.model.name, rc.model.revision)
+        check_adapter_base(weights, base)  # vLLM would load the LoRA module onto any base of the same shapes
         rank = json.loads((weights / "adapter_config.json").read_text()).get("r", 16)
         cmd += ["--model", str(base), "--served-model-name", f"{name}-base", "--enable-lora",
                 "--lora-modules", f"{name}={weights}",
@@ -474,27 +418,36 @@ def vllm_command(args, spec: str, api_key: str | None, template_dir) -> list[str
         path = Path(template_dir) / "chat_template.jinja"
         path.write_text(jinja_template(template, tok, rc.data.system_prompt if rc is not None else None))
         cmd += ["--chat-template", str(path)]
-    if api_key:
-        cmd += ["--api-key", api_key]
     return cmd
 
 
+def vllm_env(api_key: str | None, environ=None) -> dict[str, str]:
+    """The environment vLLM's server starts with: ours, plus the API key as VLLM_API_KEY, which vLLM's
+    OpenAI server reads as its key when `--api-key` is not given (vllm.envs.VLLM_API_KEY). The
+    environment of a process is private to its user, unlike its command line."""
+    env = dict(os.environ if environ is None else environ)
+    if api_key:
+        env["VLLM_API_KEY"] = api_key
+    return env
+
+
 def _vllm_exec(args, spec: str, api_key: str | None) -> None:
-    """Replace this process with vLLM's OpenAI server (GPU + vllm installed)."""
+    """Replace this process with vLLM's OpenAI server (GPU + vllm installed); the key travels in its
+    environment only (not its arguments, not the printed command, not a file)."""
+    import shlex
     import sys
     import tempfile
 
-    cmd = vllm_command(args, spec, api_key, tempfile.mkdtemp(prefix="tunelab-vllm-"))
-    shown = ["***" if api_key and c == api_key else c for c in cmd]
-    console.print(f"vLLM backend: {' '.join(shown)}")
-    os.execv(sys.executable, cmd)
+    cmd = vllm_command(args, spec, tempfile.mkdtemp(prefix="tunelab-vllm-"))
+    auth = "API key from --api-key-env (as VLLM_API_KEY)" if api_key else "no API key"
+    console.print(f"vLLM backend ({auth}): {shlex.join(cmd)}")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, cmd, vllm_env(api_key))
 
 
 def cmd_serve(args) -> int:
-    from pathlib import Path
-
     from .config import ConfigError
-    from .models import load_for_inference
 
     for flag in ("max_tokens_limit", "max_prompt_tokens", "max_batch"):
         if getattr(args, flag) <= 0:
@@ -512,24 +465,11 @@ def cmd_serve(args) -> int:
             _vllm_exec(args, args.model, key)
         elif args.backend == "vllm":
             raise ConfigError("--backend vllm needs the vllm package and a CUDA GPU")
-    try:  # take the port before the model loads (seconds to minutes): a busy port fails at once
-        httpd = ThreadingHTTPServer((args.host, args.port), BaseHTTPRequestHandler)
-    except OSError as e:
-        raise ConfigError(f"cannot listen on {args.host}:{args.port} ({e.strerror})") from None
-    try:
-        loaded = load_for_inference(args.model, template=args.template)
-        loaded.template = serve_template(args.model, args.template, loaded.tokenizer) or loaded.template
-        if loaded.template == "chat_template" and not getattr(loaded.tokenizer, "chat_template", None):
-            raise ConfigError(f"--template chat_template: the tokenizer of {args.model} has no chat template")
-    except BaseException:
-        httpd.server_close()
-        raise
-    name = args.name or Path(args.model.rstrip("/")).name or args.model
-    srv = Server(loaded, name, args.max_tokens_limit, args.max_prompt_tokens, key, args.max_batch,
-                 args.batch_window_ms / 1000)
-    httpd.RequestHandlerClass = make_handler(srv)  # requests that came during loading waited in the backlog
-    httpd.daemon_threads = True
-    console.print(f"serving '{name}' (template {loaded.template}) on http://{args.host}:{httpd.server_address[1]}/v1 "
+    httpd, srv = open_server(args.model, host=args.host, port=args.port, name=args.name, template=args.template,
+                             max_tokens_limit=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens,
+                             api_key=key, max_batch=args.max_batch, window=args.batch_window_ms / 1000)
+    console.print(f"serving '{srv.name}' (template {srv.loaded.template}) on "
+                  f"http://{args.host}:{httpd.server_address[1]}/v1 "
                   f"(transformers backend, batches of up to {args.max_batch})")
     try:
         httpd.serve_forever()
@@ -539,3 +479,33 @@ def cmd_serve(args) -> int:
         srv.engine.stopped = True
         httpd.server_close()
     return 0
+
+
+def open_server(model: str, *, host: str = "127.0.0.1", port: int = 0, name: str | None = None,
+                template: str | None = None, max_tokens_limit: int = 1024, max_prompt_tokens: int = 4096,
+                api_key: str | None = None, max_batch: int = 16, window: float = 0.02):
+    """(listening ThreadingHTTPServer, Server): what `tunelab serve` runs, ready for serve_forever();
+    `export`'s parity report serves the export through it too. The port is taken before the model
+    loads (seconds to minutes): a busy port fails at once, requests sent meanwhile wait in the backlog."""
+    from pathlib import Path
+
+    from .config import ConfigError
+    from .models import load_for_inference
+
+    try:
+        httpd = ThreadingHTTPServer((host, port), BaseHTTPRequestHandler)
+    except OSError as e:
+        raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror})") from None
+    try:
+        loaded = load_for_inference(model, template=template)
+        loaded.template = serve_template(model, template, loaded.tokenizer) or loaded.template
+        if loaded.template == "chat_template" and not getattr(loaded.tokenizer, "chat_template", None):
+            raise ConfigError(f"--template chat_template: the tokenizer of {model} has no chat template")
+        name = name or Path(model.rstrip("/")).name or model
+        srv = Server(loaded, name, max_tokens_limit, max_prompt_tokens, api_key, max_batch, window)
+    except BaseException:
+        httpd.server_close()
+        raise
+    httpd.RequestHandlerClass = make_handler(srv)
+    httpd.daemon_threads = True
+    return httpd, srv
