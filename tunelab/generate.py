@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError
 from . import decode as core
+from .config import ConfigError
 from .data.templates import Example, TemplateError, encode_prompt, example_from_row, render_prompt
 
 

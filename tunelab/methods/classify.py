@@ -314,7 +314,7 @@ def score_preference(head: Head, task, items, batch_size: int, advance) -> dict:
     (a pair longer than data.max_seq_length is cut there; RewardTrainer leaves such pairs out of training)."""
     import dataclasses
 
-    from ..data.preference import PairStats, tokenize_pairs, to_pair
+    from ..data.preference import PairStats, to_pair, tokenize_pairs
     from ..evaluate.tasks import TaskError
 
     d = dataclasses.replace(head.cfg.data, drop_untrainable=False)  # a pair that can't be scored is an error
