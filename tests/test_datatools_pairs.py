@@ -124,3 +124,19 @@ def test_pairs_bad_input_one_line(tmp_path, tiny_model):
     out.write_text("keep me\n")
     r = run_cli("pairs", *base, "--data", train)
     assert r.returncode == 2 and "already exists" in r.stderr and out.read_text() == "keep me\n"
+
+
+def test_demo_dpo_config_matches_the_sft_demo(monkeypatch):
+    """configs/smollm2-demo-dpo.yaml: DPO from the SFT demo run, its pairs' prompts rendered with the SFT run's
+    template (the pairs hold the task's questions exactly as generation sent them through that template)."""
+    from pathlib import Path
+
+    from tunelab.config import load_config
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)
+    dpo, _ = load_config(repo / "configs" / "smollm2-demo-dpo.yaml")
+    sft, _ = load_config(repo / "configs" / "smollm2-demo.yaml")
+    assert dpo.train.method == "dpo" and dpo.model.name == "runs/demo"
+    assert dpo.data.template == sft.data.template and dpo.data.system_prompt == sft.data.system_prompt
+    assert dpo.data.max_seq_length >= sft.data.max_seq_length
