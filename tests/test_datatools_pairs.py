@@ -69,7 +69,9 @@ def test_pairs_only_for_wrong_answers(tmp_path, tiny_model, monkeypatch):
     r = run_cli("pairs", "--model", tiny_model, "--task", task, "--data", train, "--out", third, "--max-rows", "2")
     assert r.returncode == 0, r.stderr
     prov3 = json.loads((tmp_path / "third.jsonl.provenance.json").read_text())
-    assert prov3["answered"] == 2 and prov3["dropped"]["beyond --max-rows 2"] == 4
+    assert prov3["answered"] == 2 and prov3["dropped"]["beyond --max-rows 2"] == 4 and prov3["rows_in"] == 6
+    assert prov3["rows_out"] + sum(prov3["dropped"].values()) == 6
+    assert prov["most_common_chosen"] == [["zzz-never", 6]]
     assert {p["prompt"] for p in read_jsonl(third)} <= set(QUESTIONS[:2])
 
 

@@ -97,6 +97,13 @@ def build_pairs(task, items, outputs: list[str], scores: list[float]) -> tuple[l
     return rows, skipped
 
 
+def _most_common(values) -> list:
+    """[[text, count], ...] of the 3 most frequent texts on one side of the pairs."""
+    from collections import Counter
+
+    return [list(x) for x in Counter(values).most_common(3)]
+
+
 def cmd_pairs(args) -> int:
     from ..cache import Cache
     from ..evaluate.harness import score_task
@@ -124,7 +131,7 @@ def cmd_pairs(args) -> int:
     scores, outputs = per["exact_match"], per["outputs"]
     rows, skipped = build_pairs(task, items, outputs, scores)
     correct = int(sum(1 for s in scores if s >= 1.0))
-    prov = Provenance("pairs", [args.data, args.task], rows_in=len(items), settings={
+    prov = Provenance("pairs", [args.data, args.task], rows_in=n_read, settings={
         "model": args.model, "task": task.name, "template": loaded.template if task.template == "model" else "plain",
         "system_prompt": loaded.system_prompt, "max_new_tokens": task.max_new_tokens, "stop": list(task.stop),
         "regex": task.regex, "decoding": "greedy", "max_rows": args.max_rows, "batch_size": args.batch_size})
@@ -133,7 +140,10 @@ def cmd_pairs(args) -> int:
     if n_read > len(items):
         prov.drop(f"beyond --max-rows {args.max_rows}", n_read - len(items))
     prov.extra.update({"answered": len(items), "correct": correct, "wrong": len(items) - correct,
-                       "exact_match": round(correct / len(items), 4), "seconds": round(seconds, 1)})
+                       "exact_match": round(correct / len(items), 4), "seconds": round(seconds, 1),
+                       # a skewed side (one answer rejected again and again) teaches a bias, not a skill
+                       "most_common_chosen": _most_common(r["chosen"] for r in rows),
+                       "most_common_rejected": _most_common(r["rejected"] for r in rows)})
     write_rows_with_provenance(out, rows, prov)
     tmpl = prov.settings["template"]
     console.print(f"pairs {args.data} with {args.model} on {task.name}: answered {len(items)}, correct {correct} "
