@@ -142,3 +142,17 @@ def test_demo_dpo_config_matches_the_sft_demo(monkeypatch):
     assert dpo.train.method == "dpo" and dpo.model.name == "runs/demo"
     assert dpo.data.template == sft.data.template and dpo.data.system_prompt == sft.data.system_prompt
     assert dpo.data.max_seq_length >= sft.data.max_seq_length
+
+
+def test_one_sided_rejected_answer_is_flagged():
+    """The demo's parity case: the SFT run says 'odd' to every even/odd question, so every parity pair rejects
+    'odd' and chooses 'even'; DPO on them flipped it to 'even' everywhere (README, DPO after the demo)."""
+    from tunelab.datatools.pairs import one_sided
+
+    parity = [{"prompt": f"Is {n} even or odd?", "chosen": "even", "rejected": "odd"} for n in range(0, 40, 2)]
+    sums = [{"prompt": f"{a}+1?", "chosen": str(a + 1), "rejected": str(a + 2)} for a in range(40)]
+    assert one_sided(parity + sums) == [("odd", 20, 0)]
+    balanced = parity + [{"prompt": f"Is {n} even or odd?", "chosen": "odd", "rejected": "even"}
+                         for n in range(1, 41, 2)]
+    assert one_sided(balanced + sums) == []
+    assert one_sided(sums) == []

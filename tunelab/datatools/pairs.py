@@ -104,6 +104,18 @@ def _most_common(values) -> list:
     return [list(x) for x in Counter(values).most_common(3)]
 
 
+def one_sided(rows: list[dict], share: float = 0.1, min_count: int = 5) -> list[tuple[str, int, int]]:
+    """(answer, times rejected, times chosen) for answers rejected in at least `share` of the pairs (and
+    `min_count`) but chosen in under a quarter as many. Such a pair set teaches "never say X" rather than
+    when X is wrong: a model that answers one word to every even/odd question gets pairs that only ever
+    reject that word, and DPO then flips it to the other word everywhere."""
+    from collections import Counter
+
+    rejected, chosen = Counter(r["rejected"] for r in rows), Counter(r["chosen"] for r in rows)
+    return [(a, n, chosen[a]) for a, n in rejected.most_common()
+            if n >= max(min_count, share * len(rows)) and chosen[a] * 4 < n]
+
+
 def cmd_pairs(args) -> int:
     from ..cache import Cache
     from ..evaluate.harness import score_task
@@ -144,6 +156,8 @@ def cmd_pairs(args) -> int:
                        # a skewed side (one answer rejected again and again) teaches a bias, not a skill
                        "most_common_chosen": _most_common(r["chosen"] for r in rows),
                        "most_common_rejected": _most_common(r["rejected"] for r in rows)})
+    skew = one_sided(rows)
+    prov.extra["one_sided_rejected"] = [{"answer": a, "rejected": n, "chosen": c} for a, n, c in skew]
     write_rows_with_provenance(out, rows, prov)
     tmpl = prov.settings["template"]
     console.print(f"pairs {args.data} with {args.model} on {task.name}: answered {len(items)}, correct {correct} "
@@ -152,4 +166,8 @@ def cmd_pairs(args) -> int:
                   + "".join(f"\n  no pair: {n} {r}" for r, n in skipped.items() if r != "answered correctly")
                   + f"\n  train on them with data.template: {tmpl} (the prompts are the task's, as generation saw "
                     f"them)\n  provenance: {sidecar(out, 'provenance')}")
+    for a, n, c in skew:
+        console.print(f"[yellow]warning: {a!r} is the rejected answer of {n} of {len(rows)} pairs and the chosen "
+                      f"one of {c}: DPO on these learns to avoid {a!r} everywhere, not when it is wrong (add pairs "
+                      f"that choose it, or leave that kind out)[/yellow]")
     return 0
