@@ -39,8 +39,8 @@ demo-dpo: install
 	$(BIN)/tunelab data pairs --model runs/demo --task examples/demo_task/task.yaml --data examples/demo_task/train.jsonl --out runs/demo-pairs.jsonl --max-rows 1000 --batch-size 32
 	$(BIN)/tunelab check configs/smollm2-demo-dpo.yaml
 	$(BIN)/tunelab train configs/smollm2-demo-dpo.yaml --output runs/demo-dpo
-	# base, SFT and DPO on the 200 held-out questions in one table, with the paired differences
-	$(BIN)/tunelab eval smollm2-135m runs/demo runs/demo-dpo --tasks examples/demo_task/task.yaml --out runs/demo-dpo-eval
+	# SFT, DPO and base on the 200 held-out questions in one table; each Δ is the paired difference to SFT
+	$(BIN)/tunelab eval runs/demo runs/demo-dpo smollm2-135m --tasks examples/demo_task/task.yaml --out runs/demo-dpo-eval
 
 test: install
 	$(BIN)/ruff check tunelab
