@@ -123,6 +123,10 @@ def test_pairs_bad_input_one_line(tmp_path, tiny_model):
     bad("--model", tiny_model, "--task", mc / "task.yaml", "--data", mc / "train.jsonl", "--out", out,
         expect="pairs need a `kind: generate` task")
     bad(*base, "--data", write_rows(tmp_path / "other.jsonl", [{"question": "q"}]), expect="no field 'instruction'")
+    lm = tmp_path / "lm.yaml"
+    lm.write_text("task: t\ndataset_path: json\noutput_type: generate_until\ndoc_to_text: '{{q}}'\n"
+                  "doc_to_target: '{{a}}'\n")
+    bad("--model", tiny_model, "--task", lm, "--data", train, "--out", out, expect="reads its own dataset")
     out.write_text("keep me\n")
     r = run_cli("pairs", *base, "--data", train)
     assert r.returncode == 2 and "already exists" in r.stderr and out.read_text() == "keep me\n"
