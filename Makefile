@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # unpinned torch would pull a multi-GB CUDA build. On a GPU machine: make TORCH="torch" install.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install demo test bench-smoke clean
+.PHONY: install demo demo-dpo test bench-smoke clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,17 @@ demo: install
 	$(BIN)/tunelab compare smollm2-135m runs/demo --prompts examples/demo_task/prompts.txt --out runs/demo-compare --max-new-tokens 32
 	$(BIN)/tunelab report runs/demo runs/demo-eval runs/demo-compare --out runs/demo-report
 	@echo "open runs/demo-report/report.html"
+
+# After `make demo`: DPO from the SFT run on pairs built from its own mistakes (README "DPO after the demo").
+demo-dpo: install
+	@test -f runs/demo/summary.json || { echo "runs/demo is not a finished run: run make demo first"; exit 2; }
+	rm -rf runs/demo-pairs.jsonl runs/demo-pairs.jsonl.provenance.json runs/demo-dpo runs/demo-dpo-eval
+	# the SFT run answers 1,000 training questions (never test.jsonl); each wrong answer becomes a pair
+	$(BIN)/tunelab data pairs --model runs/demo --task examples/demo_task/task.yaml --data examples/demo_task/train.jsonl --out runs/demo-pairs.jsonl --max-rows 1000 --batch-size 32
+	$(BIN)/tunelab check configs/smollm2-demo-dpo.yaml
+	$(BIN)/tunelab train configs/smollm2-demo-dpo.yaml --output runs/demo-dpo
+	# SFT, DPO and base on the 200 held-out questions in one table; each Δ is the paired difference to SFT
+	$(BIN)/tunelab eval runs/demo runs/demo-dpo smollm2-135m --tasks examples/demo_task/task.yaml --out runs/demo-dpo-eval
 
 test: install
 	$(BIN)/ruff check tunelab

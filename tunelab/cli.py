@@ -60,7 +60,7 @@ COMMANDS = [
             "tunelab.export:add_parser", "tunelab.export:cmd_export"),
     Command("serve", "OpenAI-compatible HTTP server for a model, run folder or checkpoint",
             "tunelab.serve:add_parser", "tunelab.serve:cmd_serve"),
-    Command("data", "data workbench: stats, dedup, decontaminate, filter, mix, synth",
+    Command("data", "data workbench: stats, dedup, decontaminate, filter, mix, synth, pairs",
             "tunelab.datatools.cli:add_parser", "tunelab.datatools.cli:cmd_data"),
     Command("chat", "talk to a model or run in the terminal (history, streaming, the run's template)",
             "tunelab.chat:add_parser", "tunelab.chat:cmd_chat"),

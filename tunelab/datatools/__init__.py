@@ -1,5 +1,5 @@
 """`tunelab data`: a workbench whose outputs are ordinary data files `tunelab train` reads.
 
-One module per subcommand (stats, dedup, decontaminate, filter, mix, synth); common.py holds the
+One module per subcommand (stats, dedup, decontaminate, filter, mix, synth, pairs); common.py holds the
 shared reading, output and provenance code.
 """

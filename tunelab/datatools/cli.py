@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import importlib
 
-COMMANDS = ["stats", "dedup", "decontaminate", "filter", "mix", "synth"]
+COMMANDS = ["stats", "dedup", "decontaminate", "filter", "mix", "synth", "pairs"]
 MODULES = {"stats": "stats", "dedup": "dedup", "decontaminate": "decontaminate", "filter": "filters",
-           "mix": "mix", "synth": "synth"}
+           "mix": "mix", "synth": "synth", "pairs": "pairs"}
 
 
 def _module(name: str):
@@ -14,7 +14,7 @@ def _module(name: str):
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("data", help="data workbench: stats, dedup, decontaminate, filter, mix, synth")
+    p = sub.add_parser("data", help="data workbench: stats, dedup, decontaminate, filter, mix, synth, pairs")
     dsub = p.add_subparsers(dest="data_command", required=True, parser_class=type(p))
     for name in COMMANDS:
         try:

@@ -322,8 +322,9 @@ def key_lines(text: str) -> dict[str, int]:
     return out
 
 
-def load_task_file(path: Path) -> Task:
-    """A YAML task: kind, path (jsonl/json/csv relative to the file), and format strings over row fields."""
+def load_task_file(path: Path, data: Path | None = None) -> Task:
+    """A YAML task: kind, path (jsonl/json/csv relative to the file), and format strings over row fields.
+    `data` replaces the task's own rows with another file's, built by the same templates (`tunelab data pairs`)."""
     from ..data.sources import DataError, read_rows
 
     text = _need(path).read_text(encoding="utf-8")
@@ -338,6 +339,9 @@ def load_task_file(path: Path) -> Task:
         raise TaskError(f"{path}: a task file must be a mapping")
     lines = key_lines(text)
     if LM_EVAL_MARKERS & set(spec):
+        if data is not None:
+            raise TaskError(f"{path}: an lm-evaluation-harness task reads its own dataset; other rows work with "
+                            "tunelab's task format (kind/path/context/target)")
         from .lmeval import load_lm_eval_task
 
         return load_lm_eval_task(path, spec, lines)
@@ -361,7 +365,7 @@ def load_task_file(path: Path) -> Task:
     if kind == "perplexity" and "template" in spec:
         raise TaskError(f"{path}:{lines.get('template', 1)}: a perplexity task always scores the response after the "
                         "run's prompt template; remove 'template'")
-    data = path.parent / spec["path"]
+    data = data if data is not None else path.parent / spec["path"]
 
     def items_of(data_path: Path) -> list[Item]:
         try:
