@@ -74,3 +74,70 @@ def test_auto_on_an_avx2_cpu_trains_fp32(monkeypatch, tmp_path, tiny_config, cap
     assert "avx2" in summary["precision"]["reason"]
     assert seen == {torch.float32} and params == {torch.float32}
     assert "precision: float32" in capsys.readouterr().err.replace("\n", " ")
+
+
+def _eval_loss_drop(tiny_config, tmp_path, dtype, scale, direction=None):
+    """Eval loss (the Trainer's evaluate: autocast, chunked loss) before minus after setting every LoRA B to
+    scale * direction (default: minus the sign of B's gradient on an eval batch, an Adam-like first step)."""
+    from transformers import set_seed
+
+    from tunelab.config import load_config
+    from tunelab.train import build_model, make_trainer, setup_data, training_arguments
+
+    cfg, _ = load_config(tiny_config, [f"model.dtype={dtype}"])
+    s = setup_data(cfg, tiny_config.parent)
+    set_seed(0)
+    model = build_model(s)
+    trainer = make_trainer(model, training_arguments(cfg, tmp_path / dtype, s.device, s.dtype, has_eval=True), s,
+                           interactive=False)
+    before = trainer.evaluate()["eval_loss"]
+    if direction is None:
+        trainer.compute_loss(model, next(iter(trainer.get_eval_dataloader()))).backward()
+        direction = {n: -p.grad.sign() for n, p in model.named_parameters() if "lora_B" in n}
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in direction:
+                p.copy_(scale * direction[n])
+    return before - trainer.evaluate()["eval_loss"], direction
+
+
+def test_bf16_mixed_sees_a_small_lora_update_as_fp32_does(tmp_path, tiny_config):
+    """A LoRA update far below bf16's resolution of the base layers' outputs (what Adam's first steps make):
+    under plain bf16 autocast peft adds it to the bf16 base output and it rounds away (here 13% of fp32's loss
+    drop was left; on SmolLM2's demo config 0.008 vs 0.171); bf16-mixed adds it in fp32 and keeps it."""
+    drop32, direction = _eval_loss_drop(tiny_config, tmp_path, "float32", 1e-5)
+    drop_mixed, _ = _eval_loss_drop(tiny_config, tmp_path, "bf16-mixed", 1e-5, direction)
+    assert drop32 > 1e-4
+    assert abs(drop_mixed - drop32) < 0.15 * drop32, (drop_mixed, drop32)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_attention_under_autocast_runs_in_fp32_when_its_inputs_are_fp32(tiny_model, packed):
+    """bf16-mixed: v_proj's output (base + LoRA update, fp32) goes straight into attention; autocast would round it
+    back to bf16 and lose an update below half a bf16 step. The attention tunelab switches to (sdpa's outside
+    packing, its packed kernel inside) computes in fp32 then; bf16 inputs stay bf16."""
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from tunelab.data.packing import packed_attention
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa")
+    attn = model.model.layers[0].self_attn
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, n, 12, 16, generator=g) for n in (4, 2))
+    v = torch.randn(1, 2, 12, 16, generator=g).bfloat16().float()  # on bf16's grid, as a bf16 matmul's output
+    update = v.abs() * 2.0 ** -10 * torch.randn(v.shape, generator=g)  # mostly under half a bf16 step
+    kw = {"cu_seq_lens_q": torch.tensor([0, 5, 12]), "max_length_q": 7} if packed else {}
+
+    def out(query, key, value):
+        fn = ALL_ATTENTION_FUNCTIONS[model.config._attn_implementation]
+        return fn(attn, query, key, value, None, scaling=attn.scaling, **kw)[0]
+
+    with packed_attention(model) if packed else models.fp32_attention(model):
+        assert model.config._attn_implementation != "sdpa"
+        with torch.autocast("cpu", torch.bfloat16):
+            seen = out(q, k, v + update) - out(q, k, v)
+            assert out(q.bfloat16(), k.bfloat16(), v.bfloat16()).dtype == torch.bfloat16  # bf16 weights: as before
+        expected = out(q, k, v + update) - out(q, k, v)  # fp32, no autocast
+    assert model.config._attn_implementation == "sdpa"
+    assert torch.nn.functional.cosine_similarity(seen.flatten(), expected.flatten(), dim=0) > 0.99
