@@ -141,3 +141,16 @@ def test_attention_under_autocast_runs_in_fp32_when_its_inputs_are_fp32(tiny_mod
         expected = out(q, k, v + update) - out(q, k, v)  # fp32, no autocast
     assert model.config._attn_implementation == "sdpa"
     assert torch.nn.functional.cosine_similarity(seen.flatten(), expected.flatten(), dim=0) > 0.99
+
+
+def test_plan_estimates_a_bf16_mixed_run(tiny_config):
+    """The memory line printed at the start of training knows bf16-mixed (fp32 weights), not 'no estimate'."""
+    from tunelab import plan
+    from tunelab.config import load_config
+    from tunelab.train import setup_data
+
+    lines = {}
+    for dtype in ("float32", "bf16-mixed"):
+        cfg, _ = load_config(tiny_config, [f"model.dtype={dtype}"])
+        lines[dtype] = plan.memory_line(cfg, setup_data(cfg, tiny_config.parent).train, "cpu")
+    assert lines["bf16-mixed"].startswith("plan: ~") and lines["bf16-mixed"] == lines["float32"]
