@@ -101,14 +101,18 @@ def _eval_loss_drop(tiny_config, tmp_path, dtype, scale, direction=None):
     return before - trainer.evaluate()["eval_loss"], direction
 
 
-def test_bf16_mixed_sees_a_small_lora_update_as_fp32_does(tmp_path, tiny_config):
+@pytest.mark.parametrize("dtype", ["bf16-mixed", "bfloat16"])
+def test_bf16_autocast_sees_a_small_lora_update_as_fp32_does(tmp_path, tiny_config, dtype):
     """A LoRA update far below bf16's resolution of the base layers' outputs (what Adam's first steps make):
     under plain bf16 autocast peft adds it to the bf16 base output and it rounds away (here 13% of fp32's loss
-    drop was left; on SmolLM2's demo config 0.008 vs 0.171); bf16-mixed adds it in fp32 and keeps it."""
+    drop was left; on SmolLM2's demo config 0.008 vs 0.171); tunelab adds it in fp32 and keeps it, with fp32
+    master weights (bf16-mixed) or bf16 ones (bfloat16 on a CPU: peft keeps the adapter fp32 there)."""
     drop32, direction = _eval_loss_drop(tiny_config, tmp_path, "float32", 1e-5)
-    drop_mixed, _ = _eval_loss_drop(tiny_config, tmp_path, "bf16-mixed", 1e-5, direction)
+    drop_mixed, _ = _eval_loss_drop(tiny_config, tmp_path, dtype, 1e-5, direction)
     assert drop32 > 1e-4
-    assert abs(drop_mixed - drop32) < 0.15 * drop32, (drop_mixed, drop32)
+    # bf16 weights are a slightly different base (rounded), whose drop differs more: seen 1.35x, 0.02x without
+    tolerance = 0.15 if dtype == "bf16-mixed" else 0.6
+    assert abs(drop_mixed - drop32) < tolerance * drop32, (drop_mixed, drop32)
 
 
 @pytest.mark.parametrize("packed", [False, True])

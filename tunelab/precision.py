@@ -156,15 +156,15 @@ def _upcast_under_autocast(module, args, output):
 
 
 def lora_sums_in_fp32(model: nn.Module) -> int:
-    """bf16-mixed with LoRA: each adapted layer's base output (bf16 under autocast) is upcast to fp32, so that
-    peft adds the adapter's output to it in fp32 (see above). Only fp32 base layers (master weights); the hook
-    is a no-op outside autocast. Returns the number of layers hooked."""
+    """LoRA under bf16 autocast: each adapted layer's base output (bf16) is upcast to fp32, so that peft adds the
+    adapter's output to it in fp32 (see above). Plain fp32 or bf16 base layers (not quantized ones); the hook is
+    a no-op outside autocast. Returns the number of layers hooked."""
     n = 0
     for m in model.modules():
         if not hasattr(m, "lora_B") or not hasattr(m, "get_base_layer"):
             continue
         base = m.get_base_layer()
-        if isinstance(base, nn.Linear) and base.weight.dtype == torch.float32:
+        if type(base) is nn.Linear and base.weight.dtype in (torch.float32, torch.bfloat16):
             base.register_forward_hook(_upcast_under_autocast)
             n += 1
     return n

@@ -121,7 +121,10 @@ def build_model(s: Setup):
         except ValueError as e:
             raise ConfigError(f"lora.target_modules: {str(e).splitlines()[0][:200]}")
         p = pick_precision(cfg.model.dtype, s.device)
-        if p.autocast is not None and p.weights == torch.float32:  # bf16-mixed: keep LoRA's update visible
+        # bf16 autocast would round LoRA's small updates away (tunelab/precision.py): bf16-mixed, and bf16 weights
+        # on a CPU (peft keeps the adapter fp32 there). Not on a GPU's bf16 weights: its measured speed and
+        # memory (BENCHMARKS.md, H200) are kept as they are until measured with it.
+        if p.autocast == torch.bfloat16 and (p.weights == torch.float32 or s.device == "cpu"):
             lora_sums_in_fp32(model)
     return model
 
