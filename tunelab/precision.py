@@ -93,10 +93,10 @@ def _cpu_reason() -> str:
 def pick_precision(requested: str, device: str) -> Precision:
     """model.dtype -> Precision.
 
-    auto: on a GPU, bf16 weights where supported (fp16 otherwise), as the recipe does; on a CPU, float32 (with
-    native bf16 too, for now: see the comment below). bf16-mixed, asked for by name: fp32 weights and optimizer
-    state, matmuls in bf16 under torch.autocast (bf16's speed where the CPU has AVX512_BF16 or AMX, fp32's update
-    precision). The others are plain weight dtypes."""
+    auto: on a GPU, bf16 weights where supported (fp16 otherwise), as the recipe does; on a CPU with native bf16
+    (AVX512_BF16 or AMX) bf16-mixed: fp32 weights and optimizer state, matmuls in bf16 under torch.autocast (bf16's
+    speed, fp32's update precision); on a CPU that would emulate bf16, float32. The others are plain weight
+    dtypes, or bf16-mixed by name."""
     if requested == "bf16-mixed":
         why = "model.dtype=bf16-mixed" + (f" ({_cpu_reason()})" if device == "cpu" else "")
         return Precision("bf16-mixed", torch.float32, torch.bfloat16, why)
@@ -109,12 +109,12 @@ def pick_precision(requested: str, device: str) -> Precision:
         name = str(dt).replace("torch.", "")
         return Precision(name, dt, dt, f"model.dtype=auto: GPU {'supports' if dt == torch.bfloat16 else 'lacks'} bf16")
     if device == "cpu" and cpu_has_native(torch.bfloat16):
-        # Not bf16-mixed by default yet: on the demo config it trained to eval loss 2.019 vs fp32's 1.829 after
-        # 6 steps (one run each, loaded machine; BENCHMARKS.md, issue 16). Until a quiet full-length run shows
-        # its loss within fp32's noise, auto keeps fp32 and says that bf16-mixed is there to ask for.
-        return Precision("float32", torch.float32, None,
-                         f"model.dtype=auto: native bf16 on this CPU, but auto keeps float32 until bf16-mixed's loss "
-                         f"is shown to match it (model.dtype=bf16-mixed to opt in) ({_cpu_reason()})")
+        # bf16-mixed where bf16 is native: on the demo config (60 steps) it matched float32's eval loss and exact
+        # match within noise once LoRA's small updates were kept visible (lora_sums_in_fp32, fp32_attention
+        # below; BENCHMARKS.md, issue 16)
+        return Precision("bf16-mixed", torch.float32, torch.bfloat16,
+                         f"model.dtype=auto: native bf16 on this CPU -> bf16-mixed (fp32 weights and optimizer "
+                         f"state, bf16 matmuls) ({_cpu_reason()})")
     return Precision("float32", torch.float32, None,
                      f"model.dtype=auto: no native bf16 on this CPU (bf16 would be emulated) -> float32 "
                      f"({_cpu_reason()})" if device == "cpu" else f"model.dtype=auto on {device} -> float32")
