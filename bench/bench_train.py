@@ -11,6 +11,9 @@ Arms (same model, data, data order, max_seq_length, batch shape, optimizer, lear
                    checkpointing. What a user gets without tuning anything.
   tunelab-fp32     the same with model.dtype=float32: the exact-arithmetic twin of recipe-fp32
   tunelab-bf16     tunelab with model.dtype=bfloat16 (weights, adapter and compute in bf16)
+  tunelab-compile  tunelab's defaults with every decoder layer compiled by torch.compile (inductor; dynamic
+                   shapes, since packed pieces differ in length); its first step includes the compilation
+  tunelab-mixed-compile  the same on model.dtype=bf16-mixed
   tunelab-t1       tunelab's defaults on one intra-op thread (the thread-settings lever: on a busy
                    machine every multi-threaded op waits for all its threads to be scheduled)
   tunelab-gc       tunelab's defaults with gradient checkpointing (reentrant), as recipe-fp32 has it: the
@@ -64,9 +67,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout's tunelab, not an installed one
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "train" / "alpaca_en_demo" / "data.json"
-ARMS = ["tunelab", "tunelab-fp32", "tunelab-mixed", "tunelab-bf16", "tunelab-gc", "tunelab-t1", "recipe-fp32", "recipe-fp32-nogc", "recipe-shipped"]
+ARMS = ["tunelab", "tunelab-fp32", "tunelab-mixed", "tunelab-bf16", "tunelab-gc", "tunelab-t1", "tunelab-compile",
+        "tunelab-mixed-compile", "recipe-fp32", "recipe-fp32-nogc", "recipe-shipped"]
 TUNELAB_DTYPE = {"tunelab": "auto", "tunelab-fp32": "float32", "tunelab-mixed": "bf16-mixed", "tunelab-bf16": "bfloat16", "tunelab-gc": "auto",
-                 "tunelab-t1": "auto"}
+                 "tunelab-t1": "auto", "tunelab-compile": "auto", "tunelab-mixed-compile": "bf16-mixed"}
 TAG = "@@BENCH "
 
 
@@ -274,6 +278,10 @@ def build_tunelab(arm, a, steps):
 
     set_seed(42)
     model = build_model(s)
+    if arm.endswith("-compile"):  # the torch.compile lever: each decoder layer compiled in place (inductor)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        for layer in base.get_decoder().layers:
+            layer.compile(dynamic=True)
     args = training_arguments(cfg, Path(a.tmp) / arm, s.device, s.dtype, has_eval=False)
     args.save_strategy = "no"
     trainer = make_trainer(model, args, s, interactive=False)  # no progress bar, overfit watch, signal handler

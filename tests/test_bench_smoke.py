@@ -46,3 +46,15 @@ def test_bench_train_bad_arm(capsys):
 
     assert bench_train.main(["--arms", "nope"]) == 2
     assert "unknown arm" in capsys.readouterr().err
+
+
+def test_bench_matmul_smoke(tmp_path):
+    """bench/bench_matmul.py (matmul GFLOP/s at the model's shapes) runs and writes its JSON."""
+    import bench_matmul
+
+    out = tmp_path / "matmul.json"
+    assert bench_matmul.main(["--rows", "16", "--threads", "1", "--dtypes", "float32", "--reps", "1",
+                              "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    (run,) = r["runs"]
+    assert run["rows"] == 16 and run["linear"]["layer_gflops"] > 0 and run["fused"]["qkv"]["forward_gflops"] > 0

@@ -684,7 +684,7 @@ def workload_from_config(cfg, prof: DataProfile | None, device: Device, n_gpus: 
     if cfg.model.dtype == "auto":
         b = 4 if cpu else 2
     else:
-        b = {"float32": 4, "bfloat16": 2, "float16": 2}[cfg.model.dtype]
+        b = {"float32": 4, "bf16-mixed": 4, "bfloat16": 2, "float16": 2}[cfg.model.dtype]  # bf16-mixed: fp32 weights
     if q.load_in_4bit and q.compute_dtype != "auto":
         b = {"float32": 4, "bfloat16": 2, "float16": 2}[q.compute_dtype]
     method = "full" if not lo.enabled else ("qlora" if q.load_in_4bit else "lora")

@@ -6,11 +6,13 @@ choice (CPU model and flags) is printed at the start of a run and kept in summar
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import platform
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 
 def pick_device(requested: str = "auto") -> str:
@@ -91,10 +93,10 @@ def _cpu_reason() -> str:
 def pick_precision(requested: str, device: str) -> Precision:
     """model.dtype -> Precision.
 
-    auto: on a GPU, bf16 weights where supported (fp16 otherwise), as the recipe does; on a CPU, float32 (with
-    native bf16 too, for now: see the comment below). bf16-mixed, asked for by name: fp32 weights and optimizer
-    state, matmuls in bf16 under torch.autocast (bf16's speed where the CPU has AVX512_BF16 or AMX, fp32's update
-    precision). The others are plain weight dtypes."""
+    auto: on a GPU, bf16 weights where supported (fp16 otherwise), as the recipe does; on a CPU with native bf16
+    (AVX512_BF16 or AMX) bf16-mixed: fp32 weights and optimizer state, matmuls in bf16 under torch.autocast (bf16's
+    speed, fp32's update precision); on a CPU that would emulate bf16, float32. The others are plain weight
+    dtypes, or bf16-mixed by name."""
     if requested == "bf16-mixed":
         why = "model.dtype=bf16-mixed" + (f" ({_cpu_reason()})" if device == "cpu" else "")
         return Precision("bf16-mixed", torch.float32, torch.bfloat16, why)
@@ -107,12 +109,12 @@ def pick_precision(requested: str, device: str) -> Precision:
         name = str(dt).replace("torch.", "")
         return Precision(name, dt, dt, f"model.dtype=auto: GPU {'supports' if dt == torch.bfloat16 else 'lacks'} bf16")
     if device == "cpu" and cpu_has_native(torch.bfloat16):
-        # Not bf16-mixed by default yet: on the demo config it trained to eval loss 2.019 vs fp32's 1.829 after
-        # 6 steps (one run each, loaded machine; BENCHMARKS.md, issue 16). Until a quiet full-length run shows
-        # its loss within fp32's noise, auto keeps fp32 and says that bf16-mixed is there to ask for.
-        return Precision("float32", torch.float32, None,
-                         f"model.dtype=auto: native bf16 on this CPU, but auto keeps float32 until bf16-mixed's loss "
-                         f"is shown to match it (model.dtype=bf16-mixed to opt in) ({_cpu_reason()})")
+        # bf16-mixed where bf16 is native: on the demo config (60 steps) it matched float32's eval loss and exact
+        # match within noise once LoRA's small updates were kept visible (lora_sums_in_fp32, fp32_attention
+        # below; BENCHMARKS.md, issue 16)
+        return Precision("bf16-mixed", torch.float32, torch.bfloat16,
+                         f"model.dtype=auto: native bf16 on this CPU -> bf16-mixed (fp32 weights and optimizer "
+                         f"state, bf16 matmuls) ({_cpu_reason()})")
     return Precision("float32", torch.float32, None,
                      f"model.dtype=auto: no native bf16 on this CPU (bf16 would be emulated) -> float32 "
                      f"({_cpu_reason()})" if device == "cpu" else f"model.dtype=auto on {device} -> float32")
@@ -130,3 +132,91 @@ def dtype_warning(dtype: torch.dtype, device: str) -> str | None:
                 f"slower than float32 (the recipe's stack trained 5.5 tokens/s so on an AVX2 CPU); "
                 f"set model.dtype=float32")
     return None
+
+
+# --- bf16-mixed numerics -------------------------------------------------------------------------------------
+# Under bf16 autocast a LoRA layer's base matmul returns bf16, and peft adds the adapter's output to it in bf16.
+# Early in training the update is below half a bf16 step of the base output (relative 2^-9), so the sum rounds
+# back to the base value and the update is invisible to the forward pass: on the demo config one Adam-sized
+# step (lr 1e-4) lowered the next batch's loss by 0.171 in fp32 but by 0.008 under plain bf16 autocast
+# (the recipe's stack has the same loss). Two changes keep the update visible, at bf16 matmul speed:
+#   1. the base output of every LoRA layer is upcast to fp32 before peft adds the adapter's (lora_sums_in_fp32);
+#   2. attention whose inputs arrive in fp32 runs in fp32 (fp32_attention): v_proj's output goes straight into
+#      attention, where autocast would round base+update back to bf16 (q/k pass through the fp32 rotary
+#      embedding and gate/up/o/down through fp32 elementwise ops or the fp32 residual stream first, so their
+#      later bf16 casts round an off-grid value and keep the update on average).
+# With both, that step lowered the loss by 0.178 (fp32: 0.171). BENCHMARKS.md, issue 16.
+
+
+def _upcast_under_autocast(module, args, output):
+    if torch.is_tensor(output) and output.dtype in (torch.bfloat16, torch.float16) \
+            and torch.is_autocast_enabled(output.device.type):
+        return output.float()
+    return None
+
+
+def lora_sums_in_fp32(model: nn.Module) -> int:
+    """LoRA under bf16 autocast: each adapted layer's base output (bf16) is upcast to fp32, so that peft adds the
+    adapter's output to it in fp32 (see above). Plain fp32 or bf16 base layers (not quantized ones); the hook is
+    a no-op outside autocast. Returns the number of layers hooked."""
+    n = 0
+    for m in model.modules():
+        if not hasattr(m, "lora_B") or not hasattr(m, "get_base_layer"):
+            continue
+        base = m.get_base_layer()
+        if type(base) is nn.Linear and base.weight.dtype in (torch.float32, torch.bfloat16):
+            base.register_forward_hook(_upcast_under_autocast)
+            n += 1
+    return n
+
+
+def wants_fp32_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+    """Under autocast, attention whose inputs come in fp32 (bf16-mixed) runs in fp32 (see above); with bf16
+    weights, or outside autocast, it runs as it is."""
+    return torch.is_autocast_enabled(query.device.type) and torch.float32 in (query.dtype, key.dtype, value.dtype)
+
+
+def fp32_attention_args(query, key, value, attention_mask):
+    mask = attention_mask.float() if torch.is_tensor(attention_mask) and attention_mask.is_floating_point() \
+        else attention_mask
+    return query.float(), key.float(), value.float(), mask
+
+
+FP32_SDPA = "tunelab_sdpa_fp32"
+_registered = False
+
+
+def _sdpa_fp32(module, query, key, value, attention_mask, *args, **kwargs):
+    """transformers' sdpa attention, in fp32 when wants_fp32_attention."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if not wants_fp32_attention(query, key, value):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
+    with torch.autocast(query.device.type, enabled=False):
+        return sdpa_attention_forward(module, *fp32_attention_args(query, key, value, attention_mask), *args,
+                                      **kwargs)
+
+
+@contextlib.contextmanager
+def fp32_attention(model: nn.Module, enabled: bool = True):
+    """Within the block, a model on transformers' "sdpa" attention uses _sdpa_fp32 (same masks, sdpa's), which
+    computes in fp32 where its inputs come in fp32 under autocast. tunelab's packed attention (data/packing.py)
+    does the same itself; other implementations (flash, eager) are left alone."""
+    m = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = getattr(m, "config", None)
+    if not enabled or cfg is None or getattr(cfg, "_attn_implementation", None) != "sdpa":
+        yield
+        return
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface, AttentionMaskInterface
+        from transformers.masking_utils import sdpa_mask
+
+        AttentionInterface.register(FP32_SDPA, _sdpa_fp32)
+        AttentionMaskInterface.register(FP32_SDPA, sdpa_mask)
+        _registered = True
+    cfg._attn_implementation = FP32_SDPA
+    try:
+        yield
+    finally:
+        cfg._attn_implementation = "sdpa"

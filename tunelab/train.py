@@ -41,6 +41,7 @@ from .models import (
     resolve_model,
     write_base_fingerprint,
 )
+from .precision import fp32_attention, lora_sums_in_fp32
 from .rundir import CONFIG, FINAL, STAGING, SUMMARY, checkpoints, newest_checkpoint, resume_checkpoint, saved_step
 from .ui import RichProgress, console, warn
 
@@ -120,6 +121,12 @@ def build_model(s: Setup):
             model = get_peft_model(model, peft_cfg)
         except ValueError as e:
             raise ConfigError(f"lora.target_modules: {str(e).splitlines()[0][:200]}")
+        p = pick_precision(cfg.model.dtype, s.device)
+        # bf16 autocast would round LoRA's small updates away (tunelab/precision.py): bf16-mixed, and bf16 weights
+        # on a CPU (peft keeps the adapter fp32 there). Not on a GPU's bf16 weights: its measured speed and
+        # memory (BENCHMARKS.md, H200) are kept as they are until measured with it.
+        if p.autocast == torch.bfloat16 and (p.weights == torch.float32 or s.device == "cpu"):
+            lora_sums_in_fp32(model)
     return model
 
 
@@ -220,8 +227,12 @@ class TunelabTrainer(FsdpOnCpu, Trainer):
 
     def autocast_smart_context_manager(self, cache_enabled=True):
         # accelerate autocasts model.forward only; the chunked loss calls the decoder directly, so
-        # training_step/prediction_step enter the same autocast here (a no-op without mixed precision)
-        return self.accelerator.autocast()
+        # training_step/prediction_step enter the same autocast here (a no-op without mixed precision),
+        # with attention in fp32 where its inputs come in fp32 (bf16-mixed; tunelab/precision.py)
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.accelerator.autocast())
+        stack.enter_context(fp32_attention(self.model, enabled=self.accelerator.mixed_precision != "no"))
+        return stack
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # train.chunked_loss: logits only where labels exist, in chunks (tunelab/loss.py); eval

@@ -26,6 +26,7 @@ import contextlib
 
 import torch
 
+from ..precision import fp32_attention_args, wants_fp32_attention
 from .pipeline import IGNORE_INDEX
 
 ATTN_NAME = "tunelab_varlen"
@@ -80,6 +81,10 @@ def varlen_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=
     """SDPA per packed example (causal within it, nothing across); other inputs go to transformers' sdpa."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    if wants_fp32_attention(query, key, value):  # bf16-mixed: see tunelab/precision.py
+        with torch.autocast(query.device.type, enabled=False):
+            return varlen_sdpa(module, *fp32_attention_args(query, key, value, attention_mask), dropout=dropout,
+                               scaling=scaling, is_causal=is_causal, **kwargs)
     cu = kwargs.pop("cu_seq_lens_q", None)
     max_len = kwargs.pop("max_length_q", None)
     for k in ("cu_seq_lens_k", "max_length_k", "position_ids"):
