@@ -10,7 +10,8 @@ adapter model's on a few prompts (rendered with the run's template and system pr
 `--gguf` also writes a GGUF file with the gguf package's GGUFWriter (that package ships no HF
 converter): Llama-architecture tensors named by gguf's own TensorNameMap, q/k rows permuted as
 llama.cpp expects, a GPT-2-style BPE vocabulary, f16 or q8_0. It is checked by loading it back
-with transformers' GGUF loader.
+with transformers' GGUF loader, and, when llama-cpp-python is installed, run in llama.cpp itself
+(tunelab/llamacpp.py: its tokenizer, kernels and greedy decoding in the parity table).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import llamacpp
 from .config import ConfigError
 from .data.templates import TemplateError
 from .fsutil import atomic_dir
@@ -190,7 +192,7 @@ def cmd_export(args) -> int:
             console.print(table(results, source), markup=False)
             raise ExportError("parity check failed: the merged model differs from the adapter model beyond the "
                               "bounds above; nothing was written")
-        gguf_failed = None
+        gguf_failed, notes = None, []
         if args.gguf:
             gguf_path = tmp / f"model-{args.gguf}.gguf"
             write_gguf(merged, tok, gguf_path, args.gguf, chat_template=chat_template)
@@ -200,9 +202,13 @@ def cmd_export(args) -> int:
             if agree < (0.95 if args.gguf == "f16" else 0.85):
                 raise ExportError(f"GGUF check failed: only {100 * agree:.1f}% next-token agreement; "
                                   f"nothing was written")
-            results.append(compare(f"gguf {args.gguf}", ref_m, measure(load_gguf(gguf_path), tok, probes,
-                                                                         args.verify_tokens)))
-            if not results[-1].passed:  # its own output goes; the verified safetensors export stays
+            gguf_steps = [compare(f"gguf {args.gguf}", ref_m, measure(load_gguf(gguf_path), tok, probes,
+                                                                        args.verify_tokens))]
+            more, cpp_note = llamacpp.steps(gguf_path, args.gguf, ref_m, probes, args.verify_tokens, tok)
+            gguf_steps += more
+            notes.append(cpp_note)
+            results += gguf_steps
+            if not all(r.passed for r in gguf_steps):  # its own output goes; the verified safetensors export stays
                 gguf_path.unlink()
                 gguf_failed = gguf_path.name
         if args.gguf and not gguf_failed:
@@ -214,7 +220,10 @@ def cmd_export(args) -> int:
             except TemplateError as e:  # the GGUF still carries the Jinja template; only Ollama's copy is missing
                 console.print(f"[yellow]no Ollama Modelfile: {e}[/yellow]")
         console.print(table(results, source), markup=False)
-        (tmp / "parity.json").write_text(json.dumps(report(results, source, args.verify_tokens), indent=2))
+        for line in notes:
+            console.print(line, markup=False)
+        (tmp / "parity.json").write_text(json.dumps({**report(results, source, args.verify_tokens),
+                                                     "llama_cpp": notes}, indent=2))
         (tmp / "tunelab_export.json").write_text(json.dumps(
             {"source": str(args.run), "note": note, "template": template, "gguf": args.gguf,
              "verified_prompts": len(want), "system_prompt": system_prompt,
@@ -244,12 +253,19 @@ def verify_only(args, out: Path) -> int:
     ref_m = measure(ref, tok, probes, args.verify_tokens)
     exported = AutoModelForCausalLM.from_pretrained(str(out), dtype="auto").eval()
     results = [compare(merged_step(exported), ref_m, measure(exported, tok, probes, args.verify_tokens))]
+    notes = []
     for g in sorted(out.glob("model-*.gguf")):
         kind = g.stem.split("-", 1)[1]
         if f"gguf {kind}" in THRESHOLDS:
             results.append(compare(f"gguf {kind}", ref_m, measure(load_gguf(g), tok, probes, args.verify_tokens)))
+            more, cpp_note = llamacpp.steps(g, kind, ref_m, probes, args.verify_tokens, tok)
+            results += more
+            notes.append(cpp_note)
     console.print(table(results, source), markup=False)
-    atomic_write_text(out / "parity.json", json.dumps(report(results, source, args.verify_tokens), indent=2))
+    for line in notes:
+        console.print(line, markup=False)
+    atomic_write_text(out / "parity.json", json.dumps({**report(results, source, args.verify_tokens),
+                                                       "llama_cpp": notes}, indent=2))
     failed = [r.step for r in results if not r.passed]
     if failed:
         raise ExportError(f"parity check failed for {', '.join(failed)} (table above; {out / 'parity.json'})")

@@ -29,6 +29,9 @@ THRESHOLDS = {
     "merged (16-bit)": (None, 0.05, 0.75),
     "gguf f16": (None, 0.05, 0.75),
     "gguf q8_0": (None, 0.15, 0.5),
+    # the GGUF run in llama.cpp itself (tunelab/llamacpp.py): its kernels and f16 KV cache round more
+    "llama.cpp f16": (None, 0.05, 0.75),
+    "llama.cpp q8_0": (None, 0.15, 0.5),
 }
 
 
