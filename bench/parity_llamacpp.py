@@ -74,6 +74,19 @@ def timed_hf_greedy(model, tok, probes, tokens: int) -> tuple[float, int]:
     return spent, produced
 
 
+def version(dist: str) -> str:
+    from importlib.metadata import version as v
+
+    return v(dist)
+
+
+def system_info() -> str:
+    """llama.cpp's CPU feature line (AMX_INT8 = 1 when ggml's AMX kernels are built in), from a child process:
+    the library is loaded in children only (tunelab/llamacpp.py)."""
+    code = "import llama_cpp; print(llama_cpp.llama_print_system_info().decode())"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip()
+
+
 def machine() -> dict:
     info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()}
     try:
@@ -99,7 +112,6 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=4, help="training steps of the default run")
     a = ap.parse_args()
 
-    import llama_cpp
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -132,32 +144,37 @@ def main() -> int:
     ref = measure(merged, tok, probes, a.tokens)
     hf_s, hf_n = timed_hf_greedy(merged, tok, probes, a.tokens)
     result = {"probe_source": source, "probes": len(probes), "greedy_tokens": a.tokens, "threads": threads,
-              "llama_cpp_python": llama_cpp.__version__, "reference": "transformers, merged export, float32",
+              "llama_cpp_python": version("llama_cpp_python"), "llama_cpp_system_info": system_info(),
+              "reference": "transformers, merged export, float32",
               "transformers_greedy_tokens_per_s": round(hf_n / hf_s, 2), "per_type": {}}
     ok = True
     for kind in ("f16", "q8_0"):
         path = export / f"model-{kind}.gguf"
-        llm = llamacpp.load(path, llamacpp.context_for(probes, a.tokens), n_threads=threads)
-        bad = llamacpp.tokenizer_mismatches(llm, tok, probes)
-        timing: dict = {}
-        got = llamacpp.measure(llm, probes, a.tokens, tok.eos_token_id, timing=timing)
-        eos = llm.token_eos()
-        llm.close()
+        try:
+            out = llamacpp.run(path, probes, a.tokens, tok, n_threads=threads)
+        except llamacpp.LlamaCppFailed as e:
+            result["per_type"][kind] = {"gguf_bytes": path.stat().st_size, "passed": False, "error": str(e)}
+            ok = False
+            print(f"llama.cpp {kind}: {e}", flush=True)
+            continue
+        bad = out["tokenize_bad"]
+        got = llamacpp.as_measurement(out)
         r = compare(f"llama.cpp {kind}", ref, got)
-        first_texts = [(tok.decode(x), tok.decode(y)) for x, y in zip(ref[1], got[1]) if x != y][:3]
+        tps = out["greedy_tokens"] / out["greedy_seconds"]
+        differ = [(tok.decode(x), tok.decode(y)) for x, y in zip(ref[1], got[1]) if x != y][:3]
+        passed = r.passed and not bad and out["eos"] == tok.eos_token_id
         result["per_type"][kind] = {
             "gguf_bytes": path.stat().st_size, "tokenization_identical": len(probes) - len(bad),
-            "llama_cpp_eos_id": eos, "transformers_eos_id": tok.eos_token_id,
+            "llama_cpp_eos_id": out["eos"], "transformers_eos_id": tok.eos_token_id,
             "greedy_identical": r.greedy_identical, "first_divergence": r.first_divergence,
             "max_abs_dlogp": r.max_abs_dlogp, "mean_abs_dlogp": r.mean_abs_dlogp,
-            "bounds": r.bounds, "passed": r.passed and not bad,
-            "llama_cpp_greedy_tokens_per_s": round(timing["tokens"] / timing["seconds"], 2),
-            "differing_continuations": [{"transformers": x, "llama.cpp": y} for x, y in first_texts]}
-        ok &= r.passed and not bad and eos == tok.eos_token_id
+            "bounds": r.bounds, "passed": passed, "llama_cpp_greedy_tokens_per_s": round(tps, 2),
+            "differing_continuations": [{"transformers": x, "llama.cpp": y} for x, y in differ]}
+        ok &= passed
         print(f"llama.cpp {kind}: tokenization {len(probes) - len(bad)}/{len(probes)}, greedy "
               f"{r.greedy_identical}/{len(probes)} (first divergence {r.first_divergence}), max|dlogp| "
-              f"{r.max_abs_dlogp:.2e} mean {r.mean_abs_dlogp:.2e}, {timing['tokens'] / timing['seconds']:.1f} tok/s "
-              f"vs transformers {hf_n / hf_s:.1f} tok/s -> {'ok' if r.passed and not bad else 'FAIL'}", flush=True)
+              f"{r.max_abs_dlogp:.2e} mean {r.mean_abs_dlogp:.2e}, {tps:.1f} tok/s vs transformers "
+              f"{hf_n / hf_s:.1f} tok/s -> {'ok' if passed else 'FAIL'}", flush=True)
     result.update(export_parity=export_parity, thresholds={k: list(v) for k, v in THRESHOLDS.items()},
                   machine=machine(), load_avg_before=[round(x, 2) for x in load_before],
                   load_avg_after=[round(x, 2) for x in os.getloadavg()], wall_s=round(time.time() - t_start, 1),
