@@ -8,8 +8,9 @@ Without --run a short LoRA run on the embedded SmolLM2-135M-Instruct is trained 
 Then, as a user would:
   1. `tunelab export RUN --to WORK/export --gguf f16` (its parity table has the "llama.cpp f16" step);
   2. the q8_0 GGUF written beside it from the merged export (tunelab.export.write_gguf, what `--gguf q8_0`
-     writes), and `tunelab export RUN --to WORK/export --verify-only`: the parity table of every file
-     against the adapter model, llama.cpp steps included (kept under "export_parity").
+     writes); with --verify-only also `tunelab export RUN --to WORK/export --verify-only`, the parity table
+     of every file against the adapter model, both llama.cpp steps included. The export's parity.json is
+     kept under "export_parity".
 Then the bench's own comparison against transformers on the *merged* model (the export's safetensors in
 float32), per GGUF type: llama.cpp tokenizes each probe's text as transformers does (the GGUF's
 pre-tokenizer metadata), identical greedy continuations out of N and the first divergence, max/mean
@@ -110,6 +111,9 @@ def main() -> int:
     ap.add_argument("--probe-rows", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=16, help="greedy tokens per probe prompt")
     ap.add_argument("--steps", type=int, default=4, help="training steps of the default run")
+    ap.add_argument("--verify-only", action="store_true",
+                    help="also run `tunelab export --verify-only` after the q8_0 file is written (its table then has "
+                         "both GGUF types; about doubles the time)")
     a = ap.parse_args()
 
     import torch
@@ -134,8 +138,9 @@ def main() -> int:
     tok = AutoTokenizer.from_pretrained(str(export))
     merged = AutoModelForCausalLM.from_pretrained(str(export), dtype=torch.float32).eval()
     write_gguf(merged, tok, export / "model-q8_0.gguf", "q8_0", chat_template=tok.chat_template)
-    tunelab("export", str(run), "--to", str(export), "--verify-only",
-            "--probe-rows", str(a.probe_rows), "--verify-tokens", str(a.tokens))
+    if a.verify_only:  # the export's own parity table again, now with both GGUF files (and both llama.cpp steps)
+        tunelab("export", str(run), "--to", str(export), "--verify-only",
+                "--probe-rows", str(a.probe_rows), "--verify-tokens", str(a.tokens))
     export_parity = json.loads((export / "parity.json").read_text())
 
     run_dir = find_run(run)[0]
