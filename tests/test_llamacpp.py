@@ -47,6 +47,7 @@ def test_llama_cpp_missing_skips_the_step_and_says_why(monkeypatch, tmp_path):
 
 
 @needs_llama_cpp
+@pytest.mark.slow  # 44-57 s each on 2 busy cores (llama.cpp in a child process, transformers greedy beside it)
 @pytest.mark.parametrize("kind", ["f16", "q8_0"])
 def test_llama_cpp_runs_the_gguf_as_transformers_runs_the_model(tiny_model, tmp_path, kind):
     """The written GGUF in llama.cpp: the same tokens for the same text, the same greedy continuations and
