@@ -111,6 +111,9 @@ def main() -> int:
     ap.add_argument("--probe-rows", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=16, help="greedy tokens per probe prompt")
     ap.add_argument("--steps", type=int, default=4, help="training steps of the default run")
+    ap.add_argument("--no-export", action="store_true",
+                    help="skip `tunelab export` (and its parity table): merge in this process, write both GGUF files, "
+                         "compare llama.cpp with transformers only (a busy machine)")
     ap.add_argument("--verify-only", action="store_true",
                     help="also run `tunelab export --verify-only` after the q8_0 file is written (its table then has "
                          "both GGUF types; about doubles the time)")
@@ -131,17 +134,27 @@ def main() -> int:
     t_start = time.time()
     run = a.run or train_run(work, a.steps, a.probe_rows)
     export = work / "export"
-    tunelab("export", str(run), "--to", str(export), "--gguf", "f16", "--force",
-            "--probe-rows", str(a.probe_rows), "--verify-tokens", str(a.tokens))
-    if not (export / "model-f16.gguf").is_file():
-        sys.exit("export --gguf f16 failed (output above)")
-    tok = AutoTokenizer.from_pretrained(str(export))
-    merged = AutoModelForCausalLM.from_pretrained(str(export), dtype=torch.float32).eval()
-    write_gguf(merged, tok, export / "model-q8_0.gguf", "q8_0", chat_template=tok.chat_template)
+    if a.no_export:  # only the GGUF files, from the run merged in this process (no safetensors, no export table)
+        from tunelab.export import _load_merged
+        from tunelab.shiptemplate import jinja_template
+
+        export.mkdir(exist_ok=True)
+        _, merged, tok, _, template, cfg = _load_merged(run, "float32")
+        chat = jinja_template(template, tok, cfg.data.system_prompt)
+        write_gguf(merged, tok, export / "model-f16.gguf", "f16", chat_template=chat)
+        write_gguf(merged, tok, export / "model-q8_0.gguf", "q8_0", chat_template=chat)
+    else:
+        tunelab("export", str(run), "--to", str(export), "--gguf", "f16", "--force",
+                "--probe-rows", str(a.probe_rows), "--verify-tokens", str(a.tokens))
+        if not (export / "model-f16.gguf").is_file():
+            sys.exit("export --gguf f16 failed (output above)")
+        tok = AutoTokenizer.from_pretrained(str(export))
+        merged = AutoModelForCausalLM.from_pretrained(str(export), dtype=torch.float32).eval()
+        write_gguf(merged, tok, export / "model-q8_0.gguf", "q8_0", chat_template=tok.chat_template)
     if a.verify_only:  # the export's own parity table again, now with both GGUF files (and both llama.cpp steps)
         tunelab("export", str(run), "--to", str(export), "--verify-only",
                 "--probe-rows", str(a.probe_rows), "--verify-tokens", str(a.tokens))
-    export_parity = json.loads((export / "parity.json").read_text())
+    export_parity = None if a.no_export else json.loads((export / "parity.json").read_text())
 
     run_dir = find_run(run)[0]
     probes, source = probe_set(run_dir, run_config(run_dir), tok, a.probe_rows)
@@ -183,7 +196,7 @@ def main() -> int:
     result.update(export_parity=export_parity, thresholds={k: list(v) for k, v in THRESHOLDS.items()},
                   machine=machine(), load_avg_before=[round(x, 2) for x in load_before],
                   load_avg_after=[round(x, 2) for x in os.getloadavg()], wall_s=round(time.time() - t_start, 1),
-                  passed=ok and export_parity.get("passed", False), run=str(run), workdir=str(work),
+                  passed=ok and (export_parity or {}).get("passed", True), run=str(run), workdir=str(work),
                   commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                         cwd=ROOT).stdout.strip())
     a.out.parent.mkdir(parents=True, exist_ok=True)
