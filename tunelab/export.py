@@ -10,7 +10,8 @@ adapter model's on a few prompts (rendered with the run's template and system pr
 `--gguf` also writes a GGUF file with the gguf package's GGUFWriter (that package ships no HF
 converter): Llama-architecture tensors named by gguf's own TensorNameMap, q/k rows permuted as
 llama.cpp expects, a GPT-2-style BPE vocabulary, f16 or q8_0. It is checked by loading it back
-with transformers' GGUF loader.
+with transformers' GGUF loader, and, when llama-cpp-python is installed, run in llama.cpp itself
+(tunelab/llamacpp.py: its tokenizer, kernels and greedy decoding in the parity table).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import llamacpp
 from .config import ConfigError
 from .data.templates import TemplateError
 from .fsutil import atomic_dir
@@ -211,7 +213,7 @@ def cmd_export(args) -> int:
             console.print(table(results, source, ref_em, notes), markup=False)
             raise ExportError("parity check failed: the merged model differs from the adapter model beyond the "
                               "bounds above; nothing was written")
-        gguf_failed = None
+        gguf_failed, cpp_notes = None, []
         if args.gguf:
             gguf_path = tmp / f"model-{args.gguf}.gguf"
             write_gguf(merged, tok, gguf_path, args.gguf, chat_template=chat_template)
@@ -222,10 +224,14 @@ def cmd_export(args) -> int:
                 raise ExportError(f"GGUF check failed: only {100 * agree:.1f}% next-token agreement; "
                                   f"nothing was written")
             g = load_gguf(gguf_path)
-            results.append(compare(f"gguf {args.gguf}", ref_m, measure(g, tok, probes, args.verify_tokens),
-                                   ref_em, em(g)))
+            gguf_steps = [compare(f"gguf {args.gguf}", ref_m, measure(g, tok, probes, args.verify_tokens),
+                                  ref_em, em(g))]
             del g
-            if not results[-1].passed:  # its own output goes; the verified safetensors export stays
+            more, cpp_note = llamacpp.steps(gguf_path, args.gguf, ref_m, probes, args.verify_tokens, tok)
+            gguf_steps += more
+            cpp_notes.append(cpp_note)
+            results += gguf_steps
+            if not all(r.passed for r in gguf_steps):  # its own output goes; the verified safetensors export stays
                 gguf_path.unlink()
                 gguf_failed = gguf_path.name
         serve_failed = False
@@ -242,8 +248,10 @@ def cmd_export(args) -> int:
             except TemplateError as e:  # the GGUF still carries the Jinja template; only Ollama's copy is missing
                 console.print(f"[yellow]no Ollama Modelfile: {e}[/yellow]")
         console.print(table(results, source, ref_em, notes), markup=False)
-        (tmp / "parity.json").write_text(json.dumps(report(results, source, args.verify_tokens, ref_em, tps, notes),
-                                                    indent=2))
+        for line in cpp_notes:
+            console.print(line, markup=False)
+        (tmp / "parity.json").write_text(json.dumps({**report(results, source, args.verify_tokens, ref_em, tps, notes),
+                                                     "llama_cpp": cpp_notes}, indent=2))
         (tmp / "tunelab_export.json").write_text(json.dumps(
             {"source": str(args.run), "note": note, "template": template, "gguf": args.gguf,
              "verified_prompts": len(want), "system_prompt": system_prompt,
@@ -284,17 +292,24 @@ def verify_only(args, out: Path) -> int:
     exported = AutoModelForCausalLM.from_pretrained(str(out), dtype="auto").eval()
     results = [compare(merged_step(exported), ref_m, measure(exported, tok, probes, args.verify_tokens),
                        ref_em, em(exported))]
+    cpp_notes = []
     for g in sorted(out.glob("model-*.gguf")):
         kind = g.stem.split("-", 1)[1]
         if f"gguf {kind}" in THRESHOLDS:
             m = load_gguf(g)
             results.append(compare(f"gguf {kind}", ref_m, measure(m, tok, probes, args.verify_tokens), ref_em, em(m)))
+            del m
+            more, cpp_note = llamacpp.steps(g, kind, ref_m, probes, args.verify_tokens, tok)
+            results += more
+            cpp_notes.append(cpp_note)
     if not args.no_serve:
         results.append(serve_step(out, tok, probes, ref_m[1], args.verify_tokens, template, system_prompt, tps,
                                   ref_em))
     console.print(table(results, source, ref_em, notes), markup=False)
-    atomic_write_text(out / "parity.json", json.dumps(report(results, source, args.verify_tokens, ref_em, tps, notes),
-                                                      indent=2))
+    for line in cpp_notes:
+        console.print(line, markup=False)
+    atomic_write_text(out / "parity.json", json.dumps({**report(results, source, args.verify_tokens, ref_em, tps, notes),
+                                                       "llama_cpp": cpp_notes}, indent=2))
     failed = [r.step for r in results if not r.passed]
     if failed:
         raise ExportError(f"parity check failed for {', '.join(failed)} (table above; {out / 'parity.json'})")

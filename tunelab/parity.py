@@ -42,6 +42,9 @@ THRESHOLDS = {
     "gguf q8_0": (None, 0.15, 0.5),
     "serve (float32)": (None, None, 1.0),  # no log-probabilities through serve (see the module doc)
     "serve (16-bit)": (None, None, 0.75),
+    # the GGUF run in llama.cpp itself (tunelab/llamacpp.py): its kernels and f16 KV cache round more
+    "llama.cpp f16": (None, 0.05, 0.75),
+    "llama.cpp q8_0": (None, 0.15, 0.5),
 }
 # step -> the most its exact match may fall below the adapter model's (a share, 0..1)
 EXACT_MATCH_DROP = {"merged (float32)": 0.0, "merged (16-bit)": 0.05, "gguf f16": 0.05, "gguf q8_0": 0.10,
