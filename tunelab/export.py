@@ -308,8 +308,8 @@ def verify_only(args, out: Path) -> int:
     console.print(table(results, source, ref_em, notes), markup=False)
     for line in cpp_notes:
         console.print(line, markup=False)
-    atomic_write_text(out / "parity.json", json.dumps({**report(results, source, args.verify_tokens, ref_em, tps, notes),
-                                                       "llama_cpp": cpp_notes}, indent=2))
+    parity = {**report(results, source, args.verify_tokens, ref_em, tps, notes), "llama_cpp": cpp_notes}
+    atomic_write_text(out / "parity.json", json.dumps(parity, indent=2))
     failed = [r.step for r in results if not r.passed]
     if failed:
         raise ExportError(f"parity check failed for {', '.join(failed)} (table above; {out / 'parity.json'})")
