@@ -48,7 +48,8 @@ THRESHOLDS = {
 }
 # step -> the most its exact match may fall below the adapter model's (a share, 0..1)
 EXACT_MATCH_DROP = {"merged (float32)": 0.0, "merged (16-bit)": 0.05, "gguf f16": 0.05, "gguf q8_0": 0.10,
-                    "serve (float32)": 0.0, "serve (16-bit)": 0.05}
+                    "serve (float32)": 0.0, "serve (16-bit)": 0.05,
+                    "llama.cpp f16": 0.05, "llama.cpp q8_0": 0.10}  # llama.cpp steps: exact match not scored yet
 SERVE_LOGLIK_NOTE = "log-likelihood n/a: serve answers logprobs with a 400 (not returned, so not compared)"
 
 
