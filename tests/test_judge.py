@@ -391,6 +391,12 @@ def _pty_blind(d, keys, until: str):
 
     pid, fd = pty.fork()
     if pid == 0:  # child: the real command on the pty
+        # a shell's background job (`make test &`, nohup) inherits SIGINT ignored, and Python then leaves it
+        # ignored: Ctrl-C would do nothing and this test would wait for its deadline. A terminal user's shell
+        # hands the command SIGINT at its default, as here.
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.execv(sys.executable, [sys.executable, "-m", "tunelab", "blind", str(d)])
     out, deadline = b"", time.monotonic() + 150
 
