@@ -134,17 +134,13 @@ def test_nan_loss_stops_without_saving_bad_weights(tmp_path, tiny_config, capsys
         assert all(t.isfinite().all() for t in w.values()), f"{ck.name} holds non-finite weights"
 
 
-@pytest.mark.parametrize("max_grad_norm", ["0", "1.0"])
-def test_nonfinite_gradient_never_reaches_the_weights(tmp_path, tiny_config, capsys, monkeypatch, max_grad_norm):
-    """A nan gradient with a finite loss (poisoned at the 3rd backward) stops the run before
-    optimizer.step(), whether or not the Trainer clips (it only clips when max_grad_norm > 0)."""
-    import tunelab.train as train
-
-    real = train.build_model
+def _poisoned(build_model, name_part: str):
+    """build_model, with a nan planted in the gradient of the first trainable parameter whose name holds
+    name_part, on that parameter's third backward."""
 
     def poisoned(s):
-        model = real(s)
-        p = next(p for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n)
+        model = build_model(s)
+        p = next(p for n, p in model.named_parameters() if p.requires_grad and name_part in n)
         calls = [0]
 
         def hook(g):
@@ -154,7 +150,16 @@ def test_nonfinite_gradient_never_reaches_the_weights(tmp_path, tiny_config, cap
         p.register_hook(hook)
         return model
 
-    monkeypatch.setattr(train, "build_model", poisoned)
+    return poisoned
+
+
+@pytest.mark.parametrize("max_grad_norm", ["0", "1.0"])
+def test_nonfinite_gradient_never_reaches_the_weights(tmp_path, tiny_config, capsys, monkeypatch, max_grad_norm):
+    """A nan gradient with a finite loss (poisoned at the 3rd backward) stops the run before
+    optimizer.step(), whether or not the Trainer clips (it only clips when max_grad_norm > 0)."""
+    import tunelab.train as train
+
+    monkeypatch.setattr(train, "build_model", _poisoned(train.build_model, "lora_B"))
     out = tmp_path / "run"
     code = main(["train", str(tiny_config), "--output", str(out), "--set", "data.test_size=0",
                  "--set", "train.max_steps=5", "--set", "train.save_steps=1", "--set", f"train.max_grad_norm={max_grad_norm}"])
@@ -286,21 +291,8 @@ def test_methods_nonfinite_gradient_stops_and_keeps_last_good_checkpoint(tmp_pat
     the method trainer's callbacks the nan update would be applied and saved (max_grad_norm=0: no clipping)."""
     import tunelab.methods.run as mrun
 
-    real = mrun.build_model
-
-    def poisoned(s):  # full fine-tune: load_causal returns build_model's model as the policy
-        model = real(s)
-        p = next(p for n, p in model.named_parameters() if p.requires_grad and "layers.1.mlp.down_proj" in n)
-        calls = [0]
-
-        def hook(g):
-            calls[0] += 1
-            return g * float("nan") if calls[0] == 3 else g
-
-        p.register_hook(hook)
-        return model
-
-    monkeypatch.setattr(mrun, "build_model", poisoned)
+    # full fine-tune: load_causal returns build_model's model as the policy
+    monkeypatch.setattr(mrun, "build_model", _poisoned(mrun.build_model, "layers.1.mlp.down_proj"))
     cfg = _method_run(tmp_path, tiny_model, alpaca_file, method, steps=5)
     out = tmp_path / "run"
     code = main(["train", str(cfg), "--output", str(out), "--set", "lora.enabled=false", "--set", "train.save_steps=1",
