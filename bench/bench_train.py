@@ -24,6 +24,8 @@ Arms (same model, data, data order, max_seq_length, batch shape, optimizer, lear
                    checkpointing on), the same LoRA (r16, alpha16, dropout 0, 7 modules)
   recipe-fp32      the same, configured fairly: bf16=False, everything else as shipped
   recipe-fp32-nogc the same with gradient checkpointing off as well (the stack's fastest CPU setting)
+A tunelab arm may set config keys after a colon, to measure a lever beside the default in one run:
+  tunelab:data.pack_max_tokens=4096+lora.fused=false
 
 One run of this script runs every arm: each arm lives in its own worker process (so that each
 arm's peak RSS is its own), the parent hands a baton so that exactly one arm computes at a time,
@@ -256,13 +258,30 @@ def _flop_params(model) -> dict:
     return {"n_body": n_lin, "n_head": head.weight.numel(), "n_layers": cfg.num_hidden_layers, "d_attn": d_attn}
 
 
+def arm_overrides(arm: str) -> tuple[str, dict]:
+    """"tunelab:data.pack_max_tokens=4096+lora.fused=false" -> ("tunelab", {"data.pack_max_tokens": 4096, ...}):
+    any tunelab arm with config keys set (values read as YAML scalars), to measure a lever beside the default."""
+    import yaml
+
+    base, _, rest = arm.partition(":")
+    over = {}
+    for item in filter(None, rest.split("+")):
+        key, eq, value = item.partition("=")
+        if not eq or "." not in key:
+            raise SystemExit(f"bench_train: arm {arm!r}: expected section.key=value after ':', got {item!r}")
+        over[key.strip()] = yaml.safe_load(value)
+    return base, over
+
+
 def build_tunelab(arm, a, steps):
     import torch
 
     from tunelab.config import config_from_dict, validate
     from tunelab.train import build_model, make_trainer, setup_data, training_arguments
 
-    cfg = config_from_dict({
+    spec = arm
+    arm, over = arm_overrides(arm)
+    raw = {
         "model": {"name": a.model, "dtype": TUNELAB_DTYPE[arm]},
         "data": {"path": str(a.data), "format": "alpaca", "template": "alpaca", "max_seq_length": a.max_seq_length,
                  "max_rows": a.max_rows, "packing": True, "pack_max_tokens": a.pack_max_tokens},
@@ -271,7 +290,11 @@ def build_tunelab(arm, a, steps):
                   "learning_rate": a.lr, "warmup_steps": 0, "max_steps": steps, "lr_scheduler_type": "constant",
                   "optim": "adamw_torch", "logging_steps": 1, "save_steps": 10**6, "report_to": [],
                   "seed": 42, "chunked_loss": True, "gradient_checkpointing": arm == "tunelab-gc"},
-    })
+    }
+    for key, value in over.items():
+        section, _, name = key.partition(".")
+        raw.setdefault(section, {})[name] = value
+    cfg = config_from_dict(raw)
     validate(cfg)
     s = setup_data(cfg)
     from transformers import set_seed
@@ -288,7 +311,7 @@ def build_tunelab(arm, a, steps):
     from tunelab.models import pick_precision
 
     prec = pick_precision(cfg.model.dtype, s.device)
-    return trainer, {"arm": arm, "rows": len(s.train), "gradient_checkpointing": cfg.train.gradient_checkpointing,
+    return trainer, {"arm": spec, "rows": len(s.train), "gradient_checkpointing": cfg.train.gradient_checkpointing,
                      "torch_threads": torch.get_num_threads(),
                      "bf16": prec.compute == torch.bfloat16, "precision": prec.name,
                      "matmul_dtype": str(prec.compute).replace("torch.", ""), **_flop_params(model)}
@@ -449,7 +472,7 @@ def main(argv=None) -> int:
         worker(a.worker, a)
         return 0
     arms = [x.strip() for x in a.arms.split(",") if x.strip()]
-    unknown = [x for x in arms if x not in ARMS]
+    unknown = [x for x in arms if x.partition(":")[0] not in ARMS or (":" in x and not x.startswith("tunelab"))]
     if unknown or not arms:
         print(f"bench_train: unknown arm(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(ARMS)}", file=sys.stderr)
         return 2

@@ -27,6 +27,10 @@ PRIVATE = {
     "_is_mkldnn_fp16_supported": (
         "torch.ops.mkldnn", "models.py: does this CPU run fp16 natively (no public API says so)",
         lambda: _mkldnn_has("_is_mkldnn_fp16_supported")),
+    "_version": (
+        "torch.Tensor", "fastlora.py serves a kept sibling output only for the very input it was computed from: the "
+        "tensor's in-place version counter tells an input changed in place since (no public API reads it)",
+        lambda: isinstance(__import__("torch").zeros(1)._version, int)),
 }
 # tunelab's own underscore attributes on its own objects
 OWN = {"_fingerprint"}

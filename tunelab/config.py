@@ -129,6 +129,9 @@ class LoraConfig:
     bias: str = "none"
     target_modules: list[str] = field(default_factory=lambda: list(LLAMA_LORA_MODULES))
     use_dora: bool = False
+    fused: bool = True
+    """bf16-mixed on a CPU: compute sibling LoRA projections (q/k/v, gate/up) in one matmul with the frozen
+    weights in bf16 and LoRA's sums in fp32 (tunelab/fastlora.py); false = peft's own layers."""
 
 
 @dataclass
@@ -170,6 +173,9 @@ class TrainConfig:
     [batch, seq, vocab] logits tensor (falls back to the model's own loss for unsupported models)."""
     loss_chunk_size: int = 1024
     """Rows of logits per chunk for chunked_loss (memory: chunk x vocab x 4 bytes)."""
+    cpu_keep_freed_memory: bool = True
+    """CPU, glibc: keep freed memory in the process for reuse (mallopt) instead of handing large blocks back
+    to the kernel, whose fresh pages each cost a page fault when a step allocates them again."""
     save_total_limit: int | None = None
     dataloader_num_workers: int = 0
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])

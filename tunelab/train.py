@@ -28,6 +28,7 @@ from .data.packing import PackedCollator, is_packed, packed_attention, split_pac
 from .data.pipeline import Collator, DataStats, TokenizedDataset, prepare
 from .data.preflight import PreflightError, check_examples
 from .distributed import FsdpOnCpu, ShardReport
+from .fastlora import fuse_lora
 from .fsutil import atomic_write_text, commit_dir, is_disk_full, remove_tree
 from .loss import chunked_causal_lm_loss
 from .models import (
@@ -41,7 +42,7 @@ from .models import (
     resolve_model,
     write_base_fingerprint,
 )
-from .precision import fp32_attention, lora_sums_in_fp32
+from .precision import fp32_attention, keep_freed_memory, lora_sums_in_fp32
 from .rundir import CONFIG, FINAL, STAGING, SUMMARY, checkpoints, newest_checkpoint, resume_checkpoint, saved_step
 from .ui import RichProgress, console, warn
 
@@ -100,6 +101,8 @@ def prepare_quantized(model, gradient_checkpointing: bool, use_reentrant: bool) 
 def build_model(s: Setup):
     """Load the base (4-bit for QLoRA) and wrap it with LoRA, or leave it whole for a full fine-tune."""
     cfg = s.cfg
+    if s.device == "cpu" and cfg.train.cpu_keep_freed_memory:
+        keep_freed_memory()
     q = cfg.quantization
     compute = s.dtype if q.compute_dtype == "auto" else getattr(torch, q.compute_dtype)
     model = load_model(s.model_folder, s.tokenizer, dtype=s.dtype, device=s.device,
@@ -127,6 +130,8 @@ def build_model(s: Setup):
         # memory (BENCHMARKS.md, H200) are kept as they are until measured with it.
         if p.autocast == torch.bfloat16 and (p.weights == torch.float32 or s.device == "cpu"):
             lora_sums_in_fp32(model)
+        if lc.fused and s.device == "cpu" and p.name == "bf16-mixed" and not q.load_in_4bit:
+            fuse_lora(model)  # one matmul per sibling group, bf16 frozen weights, fp32 LoRA sums
     return model
 
 
