@@ -222,3 +222,32 @@ def test_rms_norm_matches_transformers(tiny_model):
     assert torch.allclose(gx, gx_ref, atol=1e-5) and torch.allclose(gw, gw_ref, atol=1e-4)
     xb = x.detach().bfloat16()
     assert torch.equal(norm(xb), type(norm).forward(norm, xb))  # a bf16 input: transformers' own path
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_fused_layers_under_gradient_checkpointing(tiny_model, reentrant):
+    """Checkpointing recomputes each layer in the backward pass: the kept sibling outputs must follow the
+    recomputed input, and the gradients equal the plain fused run's."""
+    model = _lora(tiny_model)
+    fastlora.fuse_lora(model)
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    _, plain = _loss_and_grads(model, ids, True)
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.enable_input_require_grads()
+    _, ckpt = _loss_and_grads(model, ids, True)
+    assert set(ckpt) == set(plain)
+    assert _worst(ckpt, plain) < 1e-5, _worst(ckpt, plain)
+
+
+@pytest.mark.parametrize("dtype,fsdp,expected", [("bf16-mixed", False, 2 * len(MODULES)), ("bf16-mixed", True, 0),
+                                                 ("float32", False, 0)])
+def test_build_model_fuses_only_bf16_mixed_lora_without_fsdp(monkeypatch, tiny_config, dtype, fsdp, expected):
+    from tunelab.config import load_config
+    from tunelab.train import build_model, setup_data
+
+    if fsdp:  # FSDP shards the frozen weights: a group buffer would hold them whole on every rank
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    cfg, _ = load_config(tiny_config, [f"model.dtype={dtype}"])
+    model = build_model(setup_data(cfg, tiny_config.parent))
+    assert sum(hasattr(m, "tunelab_group") for m in model.modules()) == expected

@@ -40,6 +40,8 @@ def _measured_points():
     f = REPO / "bench" / "results" / "plan_validation.json"
     if f.is_file():
         points += json.loads(f.read_text())
+    for p in points:  # all measured when train.loss_chunk_size defaulted to 1024 (256 since 2026-11-30)
+        p["overrides"] = [*p["overrides"], "train.loss_chunk_size=1024"]
     for name in ("train_3arm", "train_3arm_pack512", "train_bf16_pack512", "train_pack1024", "train_gc_pack1024"):
         d = json.loads((REPO / "bench" / "results" / f"{name}.json").read_text())
         pack = int(d["command"].split("--pack-max-tokens ")[1].split()[0]) if "--pack-max-tokens" in d["command"] else 4096
@@ -52,7 +54,8 @@ def _measured_points():
                               "data.max_seq_length=512", "data.packing=true", f"data.pack_max_tokens={pack}",
                               "train.per_device_train_batch_size=2", "train.gradient_accumulation_steps=8",
                               f"train.gradient_checkpointing={str(arm['gradient_checkpointing']).lower()}",
-                              f"model.dtype={'bfloat16' if arm['bf16'] else 'float32'}", "train.warmup_steps=0"],
+                              f"model.dtype={'bfloat16' if arm['bf16'] else 'float32'}", "train.warmup_steps=0",
+                              "train.loss_chunk_size=1024"],
                 "s_per_step": arm["seconds_per_step"], "peak_rss_gib": arm["peak_rss_train_gib"],
                 "load_avg_before": d["load_average_before"], "load_avg_after": d["load_average_after"],
                 "cpu_count": 2, "matmul_gflops_before_after": [d["fp32_matmul_peak_gflops"]["used"]]})

@@ -27,7 +27,7 @@ from .config import ConfigError, RunConfig, save_config
 from .data.packing import PackedCollator, is_packed, packed_attention, split_packed
 from .data.pipeline import Collator, DataStats, TokenizedDataset, prepare
 from .data.preflight import PreflightError, check_examples
-from .distributed import FsdpOnCpu, ShardReport
+from .distributed import FsdpOnCpu, ShardReport, fsdp_requested
 from .fastlora import fuse_lora
 from .fsutil import atomic_write_text, commit_dir, is_disk_full, remove_tree
 from .loss import chunked_causal_lm_loss
@@ -130,8 +130,10 @@ def build_model(s: Setup):
         # memory (BENCHMARKS.md, H200) are kept as they are until measured with it.
         if p.autocast == torch.bfloat16 and (p.weights == torch.float32 or s.device == "cpu"):
             lora_sums_in_fp32(model)
-        if lc.fused and s.device == "cpu" and p.name == "bf16-mixed" and not q.load_in_4bit:
-            fuse_lora(model)  # one matmul per sibling group, bf16 frozen weights, fp32 LoRA sums
+        if lc.fused and s.device == "cpu" and p.name == "bf16-mixed" and not q.load_in_4bit and not fsdp_requested():
+            # one matmul per sibling group, bf16 frozen weights, fp32 LoRA sums (not under FSDP: the group's
+            # buffer would hold the whole frozen base on every rank, and the shards are DTensors)
+            fuse_lora(model)
     return model
 
 
