@@ -89,12 +89,12 @@ def test_a_sibling_called_with_another_input_is_computed_on_its_own(tiny_model):
     attn, attn_ref = (m.base_model.model.model.layers[0].self_attn for m in (model, ref))
     x, y = torch.randn(1, 5, 64), torch.randn(1, 5, 64)
     q = attn.q_proj(x)  # computes q, k and v of x, keeps k and v
-    k_other = attn.k_proj(y)  # not x: k of y, computed alone
-    x.mul_(2)  # x changed in place: the kept v of the old x must not be served
-    v = attn.v_proj(x)
+    x.mul_(2)  # x changed in place: the kept k of the old x must not be served
+    k = attn.k_proj(x)
+    v_other = attn.v_proj(y)  # not x: v of y
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        expect = [attn_ref.q_proj(x / 2), attn_ref.k_proj(y), attn_ref.v_proj(x)]
-    for got, want in zip((q, k_other, v), expect):
+        expect = [attn_ref.q_proj(x / 2), attn_ref.k_proj(x), attn_ref.v_proj(y)]
+    for got, want in zip((q, k, v_other), expect):
         assert torch.allclose(got, want.float(), atol=2e-2, rtol=2e-2), (got - want).abs().max()
 
 
