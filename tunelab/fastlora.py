@@ -96,7 +96,7 @@ class _LoraGroup(torch.autograd.Function):
                 results.append(out.view(*shape[:-1], outs[i]))
                 o, r = o + outs[i], r + ranks[i]
         ctx.save_for_backward(xb, xa, weight, a, *b_list)
-        ctx.meta, ctx.x_dtype = meta, x.dtype
+        ctx.meta, ctx.x_dtype, ctx.lead = meta, x.dtype, shape[:-1]
         return tuple(results)
 
     @staticmethod
@@ -125,14 +125,9 @@ class _LoraGroup(torch.autograd.Function):
             grad_x = None
             if ctx.needs_input_grad[0]:
                 grad_x = torch.mm(gb, weight).float().addmm_(gxa, a)
-                grad_x = grad_x.view(*grads_shape(grads, rows), grad_x.shape[-1]).to(ctx.x_dtype)
+                grad_x = grad_x.view(*ctx.lead, grad_x.shape[-1]).to(ctx.x_dtype)
         grad_a_list = grad_a.split(list(ranks)) if n > 1 else (grad_a,)
         return (grad_x, None, None, None, *grad_a_list, *grad_b)
-
-
-def grads_shape(grads, rows: int) -> tuple:
-    g = next(g for g in grads if g is not None)
-    return tuple(g.shape[:-1])
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -234,8 +229,7 @@ class _Group:
         self._key = None  # (input, its version) of the outputs kept for the siblings
         self._kept: list[torch.Tensor | None] = []
 
-    def compute(self, members: list[nn.Module], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        names = [_adapter(m) for m in members]
+    def compute(self, members: list[nn.Module], names: list[str], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         outs = tuple(self.outs[self.members.index(m)] for m in members)
         ranks = tuple(m.lora_A[nm].weight.shape[0] for m, nm in zip(members, names))
         scal = tuple(float(m.scaling[nm]) for m, nm in zip(members, names))
@@ -249,16 +243,20 @@ class _Group:
              [m.lora_B[nm].weight for m, nm in zip(members, names)]
         return _LoraGroup.apply(x, weight, bias, (outs, ranks, scal), *ab)
 
-    def call(self, member: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def call(self, member: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """`member`'s output for x, or None where its adapter's state needs peft's own forward."""
         i = self.members.index(member)
         if self._key is not None and self._key[0] is x and self._key[1] == x._version and self._kept[i] is not None:
             out, self._kept[i] = self._kept[i], None
             if all(k is None for k in self._kept):
                 self._key, self._kept = None, []
             return out
-        if len(self.members) == 1 or not all(_adapter(m) is not None for m in self.members):
-            return self.compute([member], x)[0]
-        parts = list(self.compute(self.members, x))
+        names = [_adapter(m) for m in self.members]
+        if names[i] is None:
+            return None
+        if len(self.members) == 1 or None in names:
+            return self.compute([member], [names[i]], x)[0]
+        parts = list(self.compute(self.members, names, x))
         out, parts[i] = parts[i], None
         self._key, self._kept = (x, x._version), parts
         return out
@@ -268,10 +266,12 @@ def _make_forward(m: nn.Module, group: _Group):
     peft_forward = m.forward  # the bound method of peft's class
 
     def forward(x, *args, **kwargs):
-        # the fused path whatever the autocast state: it takes any input dtype and returns fp32 (bf16 for a bf16
-        # input); peft's own forward for anything else (disabled or merged adapters, extra arguments)
-        if not args and not kwargs and x.device.type == "cpu" and _adapter(m) is not None:
-            return group.call(m, x)
+        # the fused path whatever the autocast state: it takes any input dtype and returns fp32; peft's own
+        # forward for anything else (disabled or merged adapters, extra arguments)
+        if not args and not kwargs and x.device.type == "cpu":
+            out = group.call(m, x)
+            if out is not None:
+                return out
         if x.dtype != torch.bfloat16 and not torch.is_autocast_enabled(x.device.type):
             # the frozen weight is bf16 now: peft's path under bf16 autocast, as the run computes (DPO's
             # reference pass disables the adapter, outside autocast)
@@ -286,14 +286,12 @@ def fuse_lora(model: nn.Module) -> int:
     """Give every eligible peft LoRA layer of `model` the fused forward, grouped with its siblings (GROUPS), and
     its frozen weight in bf16. For bf16-mixed training on a CPU (train.build_model). Returns the number of layers
     given it; layers that have it already are skipped."""
-    from peft.tuners.lora.layer import Linear
-
     n = 0
     for module in model.modules():
         if type(module).__name__ in RMS_NORMS and hasattr(module, "variance_epsilon") and "forward" not in vars(module):
             module.forward = _make_norm_forward(module)
     for parent in model.modules():
-        layers = {k: v for k, v in parent.named_children() if type(v) is Linear and eligible(v)
+        layers = {k: v for k, v in parent.named_children() if eligible(v)
                   and v.get_base_layer().weight.device.type == "cpu" and not hasattr(v, "tunelab_group")}
         if not layers:
             continue
