@@ -173,7 +173,8 @@ class TrainConfig:
     [batch, seq, vocab] logits tensor (falls back to the model's own loss for unsupported models)."""
     loss_chunk_size: int = 256
     """Rows of logits per chunk for chunked_loss (memory: chunk x vocab x 4 bytes; 256: SmolLM2's 49,152-token
-    vocabulary at 1,024-token pieces peaked 0.33-0.38 GiB lower than at 1024, no slower: BENCHMARKS.md)."""
+    vocabulary at 1,024-token pieces peaked 0.33-0.38 GiB lower than at 1024; speed 0.93x and 1.15x in two
+    runs, i.e. within this host's noise: BENCHMARKS.md)."""
     cpu_keep_freed_memory: bool = True
     """CPU, glibc: keep freed memory in the process for reuse (mallopt) instead of handing large blocks back
     to the kernel, whose fresh pages each cost a page fault when a step allocates them again."""
