@@ -26,6 +26,41 @@ def test_linear_cross_entropy_matches_reference(bias):
         assert torch.allclose(a, c, atol=1e-5)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_cross_entropy_under_autocast_casts_the_head_once(bias):
+    """bf16-mixed: the same values and gradients as autocast's own per-chunk matmuls, with one bf16 copy of the
+    head weight per call (each autocast matmul would cast it again: twice per chunk)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(37, 16, generator=g, requires_grad=True)
+    w = torch.randn(50, 16, generator=g, requires_grad=True)
+    b = torch.randn(50, generator=g, requires_grad=True) if bias else None
+    t = torch.randint(0, 50, (37,), generator=g)
+    params = [h, w] + ([b] if bias else [])
+
+    class Casts(TorchDispatchMode):  # copies of a weight-shaped tensor into bf16
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if "copy" in str(func) and out.dtype == torch.bfloat16 and sorted(out.shape) == sorted(w.shape):
+                Casts.n += 1
+            return out
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = sum(F.cross_entropy((h[s:s + 8] @ w.t() + (0 if b is None else b)).float(), t[s:s + 8],
+                                  reduction="sum") for s in range(0, 37, 8))
+        gref = torch.autograd.grad(ref, params)
+        with Casts():
+            got = linear_cross_entropy(h, w, b, t, chunk_size=8)  # 5 chunks
+        ggot = torch.autograd.grad(got, params)
+    assert Casts.n == 1
+    assert abs(got.item() - ref.item()) < 1e-4 * abs(ref.item())
+    for a, c in zip(gref, ggot):
+        assert torch.allclose(a, c, rtol=2e-2, atol=2e-3), (a - c).abs().max()
+
+
 def _peft_tiny(tiny_model, seed=0):
     from peft import LoraConfig, get_peft_model
 

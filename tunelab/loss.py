@@ -47,28 +47,41 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
-        for s in range(0, hidden.shape[0], chunk_size):
-            h = hidden[s:s + chunk_size]
-            t = targets[s:s + chunk_size]
-            logits = h @ weight.t()
-            if bias is not None:
-                logits = logits + bias
-            logits = logits.float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
-            if need_h or need_w or need_b:
-                # d CE / d logits = softmax - one_hot(target); computed in place over the chunk's logits
-                probs = logits.sub_(lse[:, None]).exp_()
-                probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
-                if need_b:
-                    grad_b += probs.sum(0)
-                p = probs.to(weight.dtype)
-                if need_h:
-                    grad_h[s:s + chunk_size] = p @ weight
-                if need_w:
-                    grad_w += p.t().float() @ h.float()  # .float() is a no-op for fp32
-                del probs, p
-            del logits
+        # Under autocast (bf16-mixed) each matmul below would cast the whole head weight to the autocast dtype
+        # again: twice per chunk, a vocab x hidden copy each (49,152 x 576 for SmolLM2, 33 casts per demo-sized
+        # step, ~5% of its time). Cast it once here and run the chunks with autocast off in the dtypes autocast
+        # would pick: the same arithmetic, one copy.
+        dev = hidden.device.type
+        cast = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        w = weight.detach().to(cast) if cast is not None else weight
+        with torch.autocast(dev, enabled=False):
+            for s in range(0, hidden.shape[0], chunk_size):
+                h = hidden[s:s + chunk_size]
+                if cast is not None:
+                    h = h.to(cast)
+                t = targets[s:s + chunk_size]
+                logits = h @ w.t()
+                if bias is not None:
+                    logits = logits + bias
+                logits = logits.float()
+                lse = torch.logsumexp(logits, dim=-1)
+                total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+                if need_h or need_w or need_b:
+                    # d CE / d logits = softmax - one_hot(target); computed in place over the chunk's logits
+                    probs = logits.sub_(lse[:, None]).exp_()
+                    probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+                    if need_b:
+                        grad_b += probs.sum(0)
+                    p = probs.to(w.dtype)
+                    if need_h:
+                        grad_h[s:s + chunk_size] = p @ w
+                    if need_w:
+                        if cast is not None:  # autocast's bf16 product, summed in fp32
+                            grad_w += p.t() @ h
+                        else:
+                            grad_w += p.t().float() @ h.float()  # .float() is a no-op for fp32
+                    del probs, p
+                del logits
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.w_dtype = weight.dtype
         ctx.b_dtype = bias.dtype if bias is not None else None
