@@ -6,9 +6,11 @@
 Arms (same model, data, data order, max_seq_length, batch shape, optimizer, learning rate, steps):
   tunelab          tunelab's defaults: model.dtype=auto (bf16-mixed on a CPU with native bf16, i.e.
                    fp32 weights and optimizer state with bf16 autocast; float32 where bf16 would be
-                   emulated), data.packing (one padding-free row per optimizer step, per-example
-                   attention), train.chunked_loss (logits only where labels exist); no gradient
-                   checkpointing. What a user gets without tuning anything.
+                   emulated; fused LoRA layers with bf16-mixed on a CPU), data.packing (one padding-free
+                   row per optimizer step, per-example attention, split into pieces of
+                   data.pack_max_tokens: auto = 1,024 tokens on a CPU), train.chunked_loss (logits only
+                   where labels exist); no gradient checkpointing. What a user gets without tuning anything.
+                   Packing is the one setting the bench turns on: it is off by default in tunelab.
   tunelab-fp32     the same with model.dtype=float32: the exact-arithmetic twin of recipe-fp32
   tunelab-bf16     tunelab with model.dtype=bfloat16 (weights, adapter and compute in bf16)
   tunelab-compile  tunelab's defaults with every decoder layer compiled by torch.compile (inductor; dynamic
@@ -284,7 +286,8 @@ def build_tunelab(arm, a, steps):
     raw = {
         "model": {"name": a.model, "dtype": TUNELAB_DTYPE[arm]},
         "data": {"path": str(a.data), "format": "alpaca", "template": "alpaca", "max_seq_length": a.max_seq_length,
-                 "max_rows": a.max_rows, "packing": True, "pack_max_tokens": a.pack_max_tokens},
+                 "max_rows": a.max_rows, "packing": True,
+                 "pack_max_tokens": a.pack_max_tokens if a.pack_max_tokens == "auto" else int(a.pack_max_tokens)},
         "lora": {"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": _lora_modules()},
         "train": {"per_device_train_batch_size": a.batch, "gradient_accumulation_steps": a.accum,
                   "learning_rate": a.lr, "warmup_steps": 0, "max_steps": steps, "lr_scheduler_type": "constant",
@@ -312,6 +315,7 @@ def build_tunelab(arm, a, steps):
 
     prec = pick_precision(cfg.model.dtype, s.device)
     return trainer, {"arm": spec, "rows": len(s.train), "gradient_checkpointing": cfg.train.gradient_checkpointing,
+                     "pack_max_tokens": trainer.pack_max_tokens,
                      "torch_threads": torch.get_num_threads(),
                      "bf16": prec.compute == torch.bfloat16, "precision": prec.name,
                      "matmul_dtype": str(prec.compute).replace("torch.", ""), **_flop_params(model)}
@@ -457,7 +461,8 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--minutes", type=float, default=None,
                    help="start no new round after this many minutes (every arm keeps the steps it ran)")
-    p.add_argument("--pack-max-tokens", type=int, default=4096)
+    p.add_argument("--pack-max-tokens", default="auto",
+                   help="tunelab arms: data.pack_max_tokens (default: tunelab's own, auto = 1024 on a CPU)")
     p.add_argument("--arms", default=",".join(ARMS))
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "train.json"))
     p.add_argument("--tmp", default=None, help="scratch folder (default: a new temporary folder)")

@@ -134,3 +134,26 @@ def test_bench_dir_found_from_any_folder(tmp_path, monkeypatch):
     assert (bench_dir() / "arc").is_dir(), bench_dir()
     monkeypatch.setenv(BENCH_DIR_ENV, "mine")
     assert bench_dir() == Path("mine")
+
+
+def test_pack_max_tokens_auto_per_device_and_bad_values(tmp_path):
+    from tunelab.config import pack_max_tokens
+
+    d = RunConfig().data
+    assert d.pack_max_tokens == "auto"
+    assert (pack_max_tokens(d, "cpu"), pack_max_tokens(d, "cuda"), pack_max_tokens(d, "h200")) == (1024, 4096, 4096)
+    p = tmp_path / "r.yaml"
+    p.write_text("data:\n  path: x.jsonl\n  pack_max_tokens: 2048\n")
+    cfg, _ = load_config(p)
+    assert cfg.data.pack_max_tokens == 2048 and pack_max_tokens(cfg.data, "cpu") == 2048
+    cfg, _ = load_config(p, ["data.pack_max_tokens=512"])
+    assert cfg.data.pack_max_tokens == 512
+    cfg, _ = load_config(p, ["data.pack_max_tokens=auto"])
+    assert pack_max_tokens(cfg.data, "cpu") == 1024
+    p.write_text("data:\n  path: x.jsonl\n  pack_max_tokens: fast\n")
+    with pytest.raises(ConfigError, match=r"r.yaml:3: data.pack_max_tokens must be a positive integer or auto, "
+                                          r"got 'fast'"):
+        load_config(p)
+    p.write_text("data:\n  path: x.jsonl\n  pack_max_tokens: 0\n")
+    with pytest.raises(ConfigError, match=r"r.yaml:3: data.pack_max_tokens must be > 0"):
+        load_config(p)

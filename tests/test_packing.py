@@ -99,6 +99,28 @@ def test_packed_training_matches_unpacked(tmp_path, tiny_config):
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
 
 
+def test_pack_max_tokens_auto_splits_at_1024_on_a_cpu(tmp_path, tiny_model):
+    """data.pack_max_tokens: auto -> pieces of at most 1,024 tokens on a CPU (4,096 cost about twice the
+    memory there, BENCHMARKS.md); a number given is used as is."""
+    from tunelab.config import config_from_dict
+    from tunelab.train import build_model, make_trainer, setup_data, training_arguments
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"instruction": f"Say {i}.", "input": "", "output": "ok"})
+                              for i in range(8)) + "\n")
+    got = []
+    for pack in ("auto", 4096):
+        cfg = config_from_dict({"model": {"name": str(tiny_model)},
+                                "data": {"path": str(data), "packing": True, "pack_max_tokens": pack,
+                                         "max_seq_length": 256},
+                                "train": {"max_steps": 1, "report_to": []}})
+        s = setup_data(cfg)
+        trainer = make_trainer(build_model(s), training_arguments(cfg, tmp_path / str(pack), s.device, s.dtype,
+                                                                  has_eval=False), s, interactive=False)
+        got.append(trainer.pack_max_tokens)
+    assert got == [1024, 4096]
+
+
 def test_group_by_length_batches_rows_of_similar_length(tmp_path, tiny_model):
     """train.group_by_length changes what the Trainer feeds: batches of similar-length rows, so far
     less padding than random batches over the same rows."""

@@ -100,10 +100,11 @@ class DataConfig:
     """Padding-free packing: each optimizer step's examples (batch size x accumulation, the same
     ones as unpacked) go end to end in one row, positions restarting per example, attention never
     crossing one; same gradient, no padding computed, larger matrix products (faster on CPU)."""
-    pack_max_tokens: int = 4096
+    pack_max_tokens: int | str = "auto"
     """With packing: most tokens per forward pass; a longer step is split at example boundaries
-    into several passes (gradient accumulation). Bounds activation memory; smaller pieces cost little
-    speed on a CPU (BENCHMARKS.md has the measured trade-off, CPU and GPU)."""
+    into several passes (gradient accumulation): the same gradients, less activation memory. `auto`:
+    1024 on a CPU (2.9x the recipe's stack at 0.98x its memory; pieces of 4096 were another 1.1-1.4x
+    faster at about twice the memory), 4096 on a GPU (BENCHMARKS.md has the measured trade-offs)."""
     min_response_chars: int | None = None
     """Drop rows whose response is shorter than this many characters (as `tunelab data filter`)."""
     max_response_chars: int | None = None
@@ -287,7 +288,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return _coerce(value, args[0], where)
+        for a in args[:-1]:  # int | str: an integer, else the string (`auto`)
+            try:
+                return _coerce(value, a, where)
+            except ConfigError:
+                pass
+        return _coerce(value, args[-1], where)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -384,7 +390,12 @@ def validate(cfg: RunConfig, where_of=lambda k: k, written: set[str] | None = No
         positive("train", name, getattr(t, name), allow_zero=True)
     positive("data", "max_seq_length", d.max_seq_length)
     positive("data", "num_proc", d.num_proc)
-    positive("data", "pack_max_tokens", d.pack_max_tokens)
+    if isinstance(d.pack_max_tokens, str):
+        if d.pack_max_tokens != "auto":
+            _fail(where_of("data.pack_max_tokens"),
+                  f"data.pack_max_tokens must be a positive integer or auto, got {d.pack_max_tokens!r}")
+    else:
+        positive("data", "pack_max_tokens", d.pack_max_tokens)
     positive("train", "loss_chunk_size", t.loss_chunk_size)
     if d.max_rows is not None:
         positive("data", "max_rows", d.max_rows)
@@ -451,6 +462,17 @@ def validate(cfg: RunConfig, where_of=lambda k: k, written: set[str] | None = No
     if t.method == "sft" and not 1e-5 <= t.learning_rate <= 5e-4:
         warnings.append(f"train.learning_rate={t.learning_rate:g} is outside the usual 1e-5..5e-4 for LoRA/SFT")
     return warnings
+
+
+PACK_MAX_TOKENS_AUTO = {"cpu": 1024, "gpu": 4096}
+"""data.pack_max_tokens: auto, per device kind (measured: BENCHMARKS.md, issue 16 sections)."""
+
+
+def pack_max_tokens(data: DataConfig, device: str) -> int:
+    """data.pack_max_tokens in tokens for `device` ("cpu", "cuda", or a GPU's name): `auto` resolved."""
+    if data.pack_max_tokens == "auto":
+        return PACK_MAX_TOKENS_AUTO["cpu" if device == "cpu" else "gpu"]
+    return int(data.pack_max_tokens)
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

@@ -618,7 +618,7 @@ def read_data(cfg, config_dir: Path | None) -> tuple[DataProfile | None, str]:
     return profile_from_examples(train, evals, f"{len(train)} train rows tokenized"), ""
 
 
-def _steps_stats(cfg, prof: DataProfile | None, n_gpus: int) -> dict:
+def _steps_stats(cfg, prof: DataProfile | None, n_gpus: int, pack: int) -> dict:
     """Per-step token counts, simulated over the data in order (the sampler's order is random; the
     averages are what matters), or the worst case when the data is not available."""
     d, t = cfg.data, cfg.train
@@ -628,7 +628,7 @@ def _steps_stats(cfg, prof: DataProfile | None, n_gpus: int) -> dict:
         n = B * GA
         if d.packing:
             tokens = n * L
-            pass_tokens = max(L, min(d.pack_max_tokens, tokens))
+            pass_tokens = max(L, min(pack, tokens))
         else:
             tokens = n * L
             pass_tokens = B * L
@@ -647,7 +647,7 @@ def _steps_stats(cfg, prof: DataProfile | None, n_gpus: int) -> dict:
         if d.packing:
             pieces, cur, cur_t = [], 0, 0
             for x, y in zip(ls, ts):
-                if cur and cur + x > d.pack_max_tokens:
+                if cur and cur + x > pack:
                     pieces.append((cur, cur_t))
                     cur, cur_t = 0, 0
                 cur, cur_t = cur + x, cur_t + y
@@ -688,7 +688,9 @@ def workload_from_config(cfg, prof: DataProfile | None, device: Device, n_gpus: 
     if q.load_in_4bit and q.compute_dtype != "auto":
         b = {"float32": 4, "bfloat16": 2, "float16": 2}[q.compute_dtype]
     method = "full" if not lo.enabled else ("qlora" if q.load_in_4bit else "lora")
-    st = _steps_stats(cfg, prof, n_gpus)
+    from .config import pack_max_tokens
+
+    st = _steps_stats(cfg, prof, n_gpus, pack_max_tokens(cfg.data, device.name))
     rows = st["rows"]
     if t.max_steps > 0:
         steps = t.max_steps
@@ -731,14 +733,16 @@ def verdict(mem: Memory, device: Device) -> str:
     return FIT if need <= 0.85 * device.mem_gib else TIGHT if need <= device.mem_gib else NO
 
 
-def _changes(cfg, w: Workload):
+def _changes(cfg, w: Workload, device_name: str):
     """Candidate changes, least disruptive first: (label, --set overrides, changed workload)."""
     R = dataclasses.replace
     out = []
     t, d = cfg.train, cfg.data
     B = t.per_device_train_batch_size
     if d.packing and w.tokens_per_pass > d.max_seq_length:
-        p = d.pack_max_tokens
+        from .config import pack_max_tokens
+
+        p = pack_max_tokens(d, device_name)
         while p > max(256, d.max_seq_length) and p > 256:
             p //= 2
             f = min(1.0, p / max(1, w.tokens_per_pass))
@@ -783,7 +787,7 @@ def _changes(cfg, w: Workload):
 
 def advise(cfg, shape: Shape, w: Workload, device: Device) -> dict | None:
     """The first change (least disruptive first) that makes the run fit, or more GPUs with sharding."""
-    for label, sets, w2 in _changes(cfg, w):
+    for label, sets, w2 in _changes(cfg, w, device.name):
         if verdict(estimate_memory(shape, w2, device), device) == FIT:
             return {"change": label, "set": sets}
     if device.name != "cpu":

@@ -23,7 +23,7 @@ import torch
 from transformers import EarlyStoppingCallback, Trainer
 
 from .callbacks import CommitCheckpoints, FiniteGradients, NonFinite, OverfitWatch, StopOnSignal
-from .config import ConfigError, RunConfig, save_config
+from .config import ConfigError, RunConfig, pack_max_tokens, save_config
 from .data.packing import PackedCollator, is_packed, packed_attention, split_packed
 from .data.pipeline import Collator, DataStats, TokenizedDataset, prepare
 from .data.preflight import PreflightError, check_examples
@@ -295,8 +295,8 @@ def make_trainer(model, args, s: Setup, run_dir: Path | None = None, interactive
                              data_collator=(PackedCollator() if s.cfg.data.packing
                                             else Collator(s.tokenizer.pad_token_id)),
                              processing_class=s.tokenizer, callbacks=callbacks,
-                             pack_max_tokens=s.cfg.data.pack_max_tokens, chunked_loss=s.cfg.train.chunked_loss,
-                             loss_chunk_size=s.cfg.train.loss_chunk_size)
+                             pack_max_tokens=pack_max_tokens(s.cfg.data, s.device),
+                             chunked_loss=s.cfg.train.chunked_loss, loss_chunk_size=s.cfg.train.loss_chunk_size)
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     return trainer
@@ -350,6 +350,10 @@ class SftRecipe:
         if dw:
             warn(dw)
         console.print(f"precision: {precision.name} ({precision.reason})")
+        if cfg.data.packing:
+            auto = f" = auto on {s.device}" if cfg.data.pack_max_tokens == "auto" else ""
+            console.print(f"packing: up to {pack_max_tokens(cfg.data, s.device)} tokens per forward pass "
+                          f"(data.pack_max_tokens{auto})")
         console.print(f"[bold]tunelab[/bold] {self.label} of {cfg.model.name} on {s.device}, compute dtype "
                       f"{precision.name}; {s.stats.train_rows} train / {s.stats.eval_rows} eval rows")
         console.print(f"[dim]{_plan_call('memory_line', cfg, s) or 'plan: no estimate for this model'}[/dim]")
