@@ -142,6 +142,24 @@ def test_disabled_and_merged_adapters_fall_back_to_peft(tiny_model):
     assert torch.allclose(merged.float(), on.float(), atol=0.1)  # ...and merging keeps it
 
 
+def test_peft_fallback_of_a_fused_layer_keeps_the_lora_sum_in_fp32(tiny_model):
+    """train.build_model hooks every LoRA base layer (precision.lora_sums_in_fp32) before fusing; the fused path
+    never calls them, but peft's path does where a fused layer falls back to it with extra arguments (a mixed batch's
+    adapter_names): the hook keeps that sum in fp32 there, as on unfused layers."""
+    from tunelab.precision import lora_sums_in_fp32
+
+    model = _lora(tiny_model)
+    lora_sums_in_fp32(model)
+    fastlora.fuse_lora(model)
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(2, 5, q.in_features)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = q(x)
+        fallback = q(x, adapter_names=["default", "default"])
+    assert fused.dtype == fallback.dtype == torch.float32
+    assert torch.allclose(fallback, fused, atol=2e-2, rtol=2e-2)
+
+
 def test_peft_lora_linear_still_has_what_fuse_lora_reads():
     """fuse_lora reimplements peft's vanilla LoRA Linear (result = base(x) + lora_B(lora_A(dropout(x))) * scaling)
     and reads its state; red when peft renames or changes any of it."""

@@ -129,6 +129,8 @@ def build_model(s: Setup):
         # on a CPU (peft keeps the adapter fp32 there). Not on a GPU's bf16 weights: its measured speed and
         # memory (BENCHMARKS.md, H200) are kept as they are until measured with it.
         if p.autocast == torch.bfloat16 and (p.weights == torch.float32 or s.device == "cpu"):
+            # fused layers too (registered before fusing): their fused path never runs the hook (no cost), peft's
+            # fallback does (extra arguments such as a mixed batch's adapter_names), and needs it there
             lora_sums_in_fp32(model)
         if fused_lora_off(cfg, s.device) is None:
             # one matmul per sibling group, bf16 frozen weights, fp32 LoRA sums
