@@ -310,3 +310,23 @@ def test_build_model_fuses_only_bf16_mixed_lora_without_fsdp(monkeypatch, tiny_c
     report = fused_lora_report(model, cfg, "cpu")  # summary.json `fused_lora`
     assert report["enabled"] == (reason is None) and report.get("reason") == reason
     assert report.get("layers", 0) == expected
+
+
+@pytest.mark.parametrize("change,reason", [
+    ({"lora.dropout": 0.1}, "lora.dropout=0.1 > 0"), ({"lora.use_dora": True}, "lora.use_dora=true"),
+    ({"lora.fused": False}, "lora.fused=false"), ({"quantization.load_in_4bit": True}, "QLoRA: the 4-bit base keeps "
+                                                  "peft's layers"),
+    ({"lora.enabled": False}, "full fine-tune, no LoRA layers"),
+    ({"train.method": "dpo"}, "train.method=dpo: fused layers are for SFT runs")])
+def test_fused_lora_report_names_why_peft_layers_stayed(tiny_config, change, reason):
+    """summary.json `fused_lora` of a model without fused layers: the reason, from the run's settings."""
+    from tunelab.config import load_config
+    from tunelab.train import fused_lora_report
+
+    cfg, _ = load_config(tiny_config, ["model.dtype=bf16-mixed"])
+    for key, value in change.items():
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, value)
+    assert fused_lora_report(torch.nn.Linear(2, 2), cfg, "cpu") == {"enabled": False, "reason": reason}
+    cfg, _ = load_config(tiny_config, ["model.dtype=bf16-mixed"])
+    assert fused_lora_report(torch.nn.Linear(2, 2), cfg, "cuda")["reason"] == "cuda: the fused layers are for CPUs"

@@ -165,7 +165,7 @@ def fused_lora_report(model, cfg: RunConfig, device: str) -> dict:
     reason = fused_lora_off(cfg, device)
     if reason is None:  # fuse_lora ran (or TRL built the adapter) and found no layer it computes
         lc = cfg.lora
-        reason = (f"train.method={cfg.train.method}: TRL adds the adapter, peft's layers" if cfg.train.method != "sft"
+        reason = (f"train.method={cfg.train.method}: fused layers are for SFT runs" if cfg.train.method != "sft"
                   else "lora.use_dora=true" if lc.use_dora else f"lora.dropout={lc.dropout} > 0" if lc.dropout > 0
                   else f"lora.bias={lc.bias}" if lc.bias != "none" else "no LoRA layer the fused path computes")
     return {"enabled": False, "reason": reason, **{k: v for k, v in counts.items() if v}}
