@@ -10,13 +10,15 @@ is downloaded or loaded:
 
 Where the numbers come from (each is a stated constant, not a fit hidden in code):
   - activation bytes per token and layer: counted with torch.autograd.graph.saved_tensors_hooks on
-    transformers' Llama + peft (torch 2.13, transformers 5.24, peft 0.21; the script is in the
-    docstring of `ACTIVATION_COEFFS`), as multiples of hidden size h, KV width and MLP width i;
+    transformers' Llama + peft (torch 2.13, transformers 5.24, peft 0.21; the count is
+    tests/test_plan.py::saved_bytes_per_token_layer), as multiples of hidden size h, KV width and MLP
+    width i (`ACTIVATION_COEFFS`; bf16-mixed and the fused LoRA layers: `MIXED_ACTIVATION_BYTES`);
   - NF4 storage: 4 bits + 8-bit absmax per 64 weights + fp32 second-level scale per 256 blocks
     (bitsandbytes double quantization) = 4.127 bits/param; without double quant 4.5;
   - GPU peaks: vendors' datasheets (dense, no sparsity; cited in `GPUS`); GPU efficiency: the
     fraction of that peak the published single-GPU runs in `VALIDATION` reached;
-  - CPU: this machine's measured matmul peak and tunelab's measured MFU (BENCHMARKS.md).
+  - CPU: the measured matmul peaks and tunelab's measured MFU of this project's CPU kind the host is
+    (AMX, or AVX512_BF16 without it, read from its flags; BENCHMARKS.md).
 The validation set at the bottom (`VALIDATION`) is checked by tests/test_plan.py: the published
 figures within 25% for memory, this machine's measured runs (bench/results/plan_validation.json)
 within 20% for memory and 35% for time.
