@@ -103,6 +103,24 @@ def test_unsupported_adapters_keep_peft_layers(tiny_model, kw):
     assert fastlora.fuse_lora(_lora(tiny_model, **kw)) == 0
 
 
+def test_trained_base_biases_keep_peft_layers():
+    """lora.bias=all/lora_only trains the projections' own biases (Qwen2's q/k/v have them): the fused path
+    would add a detached copy, so such layers keep peft's, and the bias gets its gradient."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2)
+    model = get_peft_model(Qwen2ForCausalLM(cfg), LoraConfig(r=4, target_modules=MODULES, bias="all"))
+    assert fastlora.fuse_lora(model) == 4  # o/gate/up/down have no bias: fused; q/k/v: peft's
+    assert fastlora.fused_layers(model)["groups"] == {"o_proj": 1, "gate_proj+up_proj": 1, "down_proj": 1}
+    ids = torch.randint(0, 64, (1, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids, labels=ids).loss.backward()
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert q.get_base_layer().bias.grad is not None and q.get_base_layer().bias.grad.norm() > 0
+
+
 def test_disabled_and_merged_adapters_fall_back_to_peft(tiny_model):
     """DPO's reference pass disables the adapter (often outside autocast): with the frozen weights now bf16,
     peft's path must still run, and give the base model's output."""
@@ -122,6 +140,24 @@ def test_disabled_and_merged_adapters_fall_back_to_peft(tiny_model):
     assert torch.allclose(off.float(), base_logits, atol=0.05), (off - base_logits).abs().max()
     assert (on.float() - off.float()).abs().max() > 0.05  # the adapter does something...
     assert torch.allclose(merged.float(), on.float(), atol=0.1)  # ...and merging keeps it
+
+
+def test_peft_fallback_of_a_fused_layer_keeps_the_lora_sum_in_fp32(tiny_model):
+    """train.build_model hooks every LoRA base layer (precision.lora_sums_in_fp32) before fusing; the fused path
+    never calls them, but peft's path does where a fused layer falls back to it with extra arguments (a mixed batch's
+    adapter_names): the hook keeps that sum in fp32 there, as on unfused layers."""
+    from tunelab.precision import lora_sums_in_fp32
+
+    model = _lora(tiny_model)
+    lora_sums_in_fp32(model)
+    fastlora.fuse_lora(model)
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(2, 5, q.in_features)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = q(x)
+        fallback = q(x, adapter_names=["default", "default"])
+    assert fused.dtype == fallback.dtype == torch.float32
+    assert torch.allclose(fallback, fused, atol=2e-2, rtol=2e-2)
 
 
 def test_peft_lora_linear_still_has_what_fuse_lora_reads():
@@ -144,22 +180,40 @@ def test_peft_lora_linear_still_has_what_fuse_lora_reads():
     assert torch.allclose(m(x), m.get_base_layer()(x) + b(a(x)) * s, atol=1e-6)
 
 
-def test_training_with_fused_layers_tracks_peft(monkeypatch, tmp_path, tiny_config):
+def test_training_with_fused_layers_tracks_peft(monkeypatch, tmp_path, tiny_config, tiny_model, capsys):
     """`tunelab train` on bf16-mixed with lora.fused on (the default) and off: the same losses within bf16
-    rounding, and the fused run's adapter is an ordinary peft adapter."""
+    rounding, and the fused run's adapter is an ordinary peft adapter. The run log and summary.json say whether
+    the fused layers were used: counts that match the model's layers, or the reason they were not."""
     from test_precision import NATIVE
 
     from tunelab import precision
 
     monkeypatch.setattr(precision, "cpu_info", lambda: NATIVE)
+    layers = json.loads((tiny_model / "config.json").read_text())["num_hidden_layers"]
+    expect = {True: {"enabled": True, "layers": len(MODULES) * layers, "swiglu_mlps": layers,
+                     "rms_norms": 2 * layers + 1,  # two per decoder layer and the final norm
+                     "groups": {"q_proj+k_proj+v_proj": layers, "o_proj": layers, "gate_proj+up_proj": layers,
+                                "down_proj": layers}},
+              False: {"enabled": False, "reason": "lora.fused=false"}}
+    lines = {True: f"fused LoRA layers: {layers} q/k/v + {layers} o + {layers} gate/up + {layers} down groups "
+                   f"({len(MODULES) * layers} layers), {layers} SwiGLU, {2 * layers + 1} RMSNorm (lora.fused)",
+             False: "fused LoRA layers: off (lora.fused=false)"}
     losses = {}
     for fused in (True, False):
         out = tmp_path / f"fused-{fused}"
+        capsys.readouterr()
         assert main(["train", str(tiny_config), "--output", str(out), "--set", "model.dtype=bf16-mixed",
                      "--set", f"lora.fused={str(fused).lower()}", "--set", "train.logging_steps=1"]) == 0
+        assert lines[fused] in capsys.readouterr().err.splitlines()
+        assert json.loads((out / "summary.json").read_text())["fused_lora"] == expect[fused]
         state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
         losses[fused] = [h["loss"] for h in state["log_history"] if "loss" in h]
         assert (out / "final" / "adapter_model.safetensors").exists()
+    out = tmp_path / "float32"  # the tiny config's dtype
+    assert main(["train", str(tiny_config), "--output", str(out), "--set", "train.max_steps=1"]) == 0
+    assert "fused LoRA layers: off (float32: the fused layers are for bf16-mixed)" in capsys.readouterr().err
+    assert json.loads((out / "summary.json").read_text())["fused_lora"] == {
+        "enabled": False, "reason": "float32: the fused layers are for bf16-mixed"}
     a, b = losses[True], losses[False]
     assert len(a) == len(b) == 4 and all(abs(x - y) < 0.01 * abs(y) for x, y in zip(a, b)), (a, b)
     assert a[-1] < a[0]  # it trains
@@ -240,14 +294,39 @@ def test_fused_layers_under_gradient_checkpointing(tiny_model, reentrant):
     assert _worst(ckpt, plain) < 1e-5, _worst(ckpt, plain)
 
 
-@pytest.mark.parametrize("dtype,fsdp,expected", [("bf16-mixed", False, 2 * len(MODULES)), ("bf16-mixed", True, 0),
-                                                 ("float32", False, 0)])
-def test_build_model_fuses_only_bf16_mixed_lora_without_fsdp(monkeypatch, tiny_config, dtype, fsdp, expected):
+@pytest.mark.parametrize("dtype,fsdp,expected,reason", [
+    ("bf16-mixed", False, 2 * len(MODULES), None), ("bf16-mixed", True, 0, "FSDP: the frozen weights are sharded"),
+    ("float32", False, 0, "float32: the fused layers are for bf16-mixed")])
+def test_build_model_fuses_only_bf16_mixed_lora_without_fsdp(monkeypatch, tiny_config, dtype, fsdp, expected,
+                                                             reason):
     from tunelab.config import load_config
-    from tunelab.train import build_model, setup_data
+    from tunelab.train import build_model, fused_lora_report, setup_data
 
     if fsdp:  # FSDP shards the frozen weights: a group buffer would hold them whole on every rank
         monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     cfg, _ = load_config(tiny_config, [f"model.dtype={dtype}"])
     model = build_model(setup_data(cfg, tiny_config.parent))
     assert sum(hasattr(m, "tunelab_group") for m in model.modules()) == expected
+    report = fused_lora_report(model, cfg, "cpu")  # summary.json `fused_lora`
+    assert report["enabled"] == (reason is None) and report.get("reason") == reason
+    assert report.get("layers", 0) == expected
+
+
+@pytest.mark.parametrize("change,reason", [
+    ({"lora.dropout": 0.1}, "lora.dropout=0.1 > 0"), ({"lora.use_dora": True}, "lora.use_dora=true"),
+    ({"lora.fused": False}, "lora.fused=false"), ({"quantization.load_in_4bit": True}, "QLoRA: the 4-bit base keeps "
+                                                  "peft's layers"),
+    ({"lora.enabled": False}, "full fine-tune, no LoRA layers"),
+    ({"train.method": "dpo"}, "train.method=dpo: fused layers are for SFT runs")])
+def test_fused_lora_report_names_why_peft_layers_stayed(tiny_config, change, reason):
+    """summary.json `fused_lora` of a model without fused layers: the reason, from the run's settings."""
+    from tunelab.config import load_config
+    from tunelab.train import fused_lora_report
+
+    cfg, _ = load_config(tiny_config, ["model.dtype=bf16-mixed"])
+    for key, value in change.items():
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, value)
+    assert fused_lora_report(torch.nn.Linear(2, 2), cfg, "cpu") == {"enabled": False, "reason": reason}
+    cfg, _ = load_config(tiny_config, ["model.dtype=bf16-mixed"])
+    assert fused_lora_report(torch.nn.Linear(2, 2), cfg, "cuda")["reason"] == "cuda: the fused layers are for CPUs"

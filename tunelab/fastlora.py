@@ -58,6 +58,8 @@ def _adapter(m: nn.Module) -> str | None:
     if type(base) is not nn.Linear or base.weight.requires_grad or base.weight.dtype not in (torch.float32,
                                                                                             torch.bfloat16):
         return None
+    if base.bias is not None and base.bias.requires_grad:  # lora.bias=all/lora_only: the group's bias is a copy
+        return None
     return name
 
 
@@ -192,6 +194,7 @@ def _make_norm_forward(norm: nn.Module):
             return plain(x)
         return _RMSNorm.apply(x, norm.weight, norm.variance_epsilon)
 
+    forward.tunelab_fused = "rms_norm"  # what fused_layers counts
     return forward
 
 
@@ -204,6 +207,7 @@ def _make_mlp_forward(mlp: nn.Module):
     def forward(x):  # LlamaMLP's: down_proj(act_fn(gate_proj(x)) * up_proj(x)), with act_fn = silu
         return mlp.down_proj(_SwiGLU.apply(mlp.gate_proj(x), mlp.up_proj(x)))
 
+    forward.tunelab_fused = "swiglu"  # what fused_layers counts
     return forward
 
 
@@ -307,3 +311,24 @@ def fuse_lora(model: nn.Module) -> int:
         if mlp and _is_silu(getattr(parent, "act_fn", None)):
             parent.forward = _make_mlp_forward(parent)
     return n
+
+
+def fused_layers(model: nn.Module) -> dict:
+    """What fuse_lora changed in `model`, counted from the model itself (for the run log and summary.json):
+    sibling groups by their members' names ("q_proj+k_proj+v_proj": 30), LoRA layers computed by the fused
+    path, SwiGLU MLPs and RMSNorms given the hand-written Functions."""
+    members: dict[int, list[str]] = {}
+    swiglu = norms = 0
+    for name, m in model.named_modules():
+        g = getattr(m, "tunelab_group", None)
+        if isinstance(g, _Group):
+            members.setdefault(id(g), []).append(name.rsplit(".", 1)[-1])
+        kind = getattr(vars(m).get("forward"), "tunelab_fused", None)
+        swiglu += kind == "swiglu"
+        norms += kind == "rms_norm"
+    groups: dict[str, int] = {}
+    for names in members.values():
+        key = "+".join(names)
+        groups[key] = groups.get(key, 0) + 1
+    return {"groups": groups, "layers": sum(len(v) for v in members.values()), "swiglu_mlps": swiglu,
+            "rms_norms": norms}

@@ -10,13 +10,15 @@ is downloaded or loaded:
 
 Where the numbers come from (each is a stated constant, not a fit hidden in code):
   - activation bytes per token and layer: counted with torch.autograd.graph.saved_tensors_hooks on
-    transformers' Llama + peft (torch 2.13, transformers 5.24, peft 0.21; the script is in the
-    docstring of `ACTIVATION_COEFFS`), as multiples of hidden size h, KV width and MLP width i;
+    transformers' Llama + peft (torch 2.13, transformers 5.24, peft 0.21; the count is
+    tests/test_plan.py::saved_bytes_per_token_layer), as multiples of hidden size h, KV width and MLP
+    width i (`ACTIVATION_COEFFS`; bf16-mixed and the fused LoRA layers: `MIXED_ACTIVATION_BYTES`);
   - NF4 storage: 4 bits + 8-bit absmax per 64 weights + fp32 second-level scale per 256 blocks
     (bitsandbytes double quantization) = 4.127 bits/param; without double quant 4.5;
   - GPU peaks: vendors' datasheets (dense, no sparsity; cited in `GPUS`); GPU efficiency: the
     fraction of that peak the published single-GPU runs in `VALIDATION` reached;
-  - CPU: this machine's measured matmul peak and tunelab's measured MFU (BENCHMARKS.md).
+  - CPU: the measured matmul peaks and tunelab's measured MFU of this project's CPU kind the host is
+    (AMX, or AVX512_BF16 without it, read from its flags; BENCHMARKS.md).
 The validation set at the bottom (`VALIDATION`) is checked by tests/test_plan.py: the published
 figures within 25% for memory, this machine's measured runs (bench/results/plan_validation.json)
 within 20% for memory and 35% for time.
@@ -208,6 +210,8 @@ class Device:
     bf16: bool
     """Native bf16 matmul; without it bf16 runs on the fp32 units (T4)."""
     source: str
+    eff16: tuple[float, float, float] | None = None
+    """CPU: tunelab's measured efficiency in bf16 / bf16-mixed against tflops16 (None: CPU_EFFICIENCY_BF16)."""
 
 
 GPUS: dict[str, Device] = {d.name: d for d in [
@@ -228,19 +232,37 @@ GPUS: dict[str, Device] = {d.name: d for d in [
     Device("RTX4090", 23.99, 165.2, 82.6, True, "NVIDIA Ada Lovelace whitepaper"),
 ]}
 
-# This project's machine, measured (BENCHMARKS.md, 2026-11-29): best fp32 matmul 180-194 GFLOP/s,
-# bf16 matmul 418-428 GFLOP/s (native AVX512_BF16), 2 cores.
+# This project's machines are of two kinds (BENCHMARKS.md); cpu_device() picks the host's by its CPU flags.
+# AMD EPYC, AVX512_BF16 without AMX, measured 2026-11-29: best fp32 matmul 180-194 GFLOP/s, bf16 418-428, 2 cores.
 CPU_GFLOPS_FP32 = 191.0
 CPU_GFLOPS_BF16 = 423.0
+# Sapphire Rapids-class Xeon with AMX (amx_bf16), 2 cores: the medians of the matmul peaks bench_train.py measured
+# in the seven issue-16 runs of 2026-11-29/30 (bench/results/train_5arm_amx_*, train_fused_*, train_fastlora_*,
+# train_keep_freed_ab): fp32 208-337 GFLOP/s (median 264), bf16 1,186-2,100 (median 1,664); the host's speed
+# moved by up to 27% within one run.
+CPU_GFLOPS_FP32_AMX = 264.0
+CPU_GFLOPS_BF16_AMX = 1664.0
 
 
-def cpu_device() -> Device:
+def cpu_device(kind: str | None = None) -> Device:
+    """This machine: its RAM, and the peaks of its CPU kind ("amx", "avx512_bf16" or "emulated" bf16; None: read
+    from the host's flags, the same flags model.dtype auto reads)."""
+    from .precision import cpu_has_native, cpu_info
+
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
     except (ValueError, OSError, AttributeError):
         ram = 16.0
-    return Device("cpu", round(ram, 1), CPU_GFLOPS_BF16 / 1000, CPU_GFLOPS_FP32 / 1000, True,
-                  "this machine (BENCHMARKS.md)")
+    if kind is None:
+        import torch
+
+        kind = ("amx" if "amx_bf16" in cpu_info()[1] else "avx512_bf16" if cpu_has_native(torch.bfloat16)
+                else "emulated")
+    if kind == "amx":
+        return Device("cpu", round(ram, 1), CPU_GFLOPS_BF16_AMX / 1000, CPU_GFLOPS_FP32_AMX / 1000, True,
+                      "this machine: AMX (BENCHMARKS.md, issue 16)", CPU_EFFICIENCY_MIXED_AMX)
+    return Device("cpu", round(ram, 1), CPU_GFLOPS_BF16 / 1000, CPU_GFLOPS_FP32 / 1000, kind == "avx512_bf16",
+                  f"this machine: {'AVX512_BF16' if kind == 'avx512_bf16' else 'bf16 emulated'} (BENCHMARKS.md)")
 
 
 def device_names() -> list[str]:
@@ -274,6 +296,22 @@ ACTIVATION_COEFFS = {
 }
 # lora_dropout > 0 keeps a dropped copy of every adapted input: measured +10h+1i (fp32), +12h+2i (bf16).
 DROPOUT_EXTRA = {4: (10, 0, 1), 2: (12, 0, 2)}
+# bf16-mixed LoRA (fp32 weights and adapters, torch.autocast(bfloat16), the LoRA sums and attention in fp32:
+# tunelab/precision.py): the saved tensors mix bf16 and fp32, so these are BYTES per token and layer (h, kv, i as
+# above). Counted the same way (unique storages, parameters excluded, 1- vs 2-layer models, 64 vs 128 tokens to
+# drop what does not grow with tokens; h 256 -> 384, kv 64 -> 128, i 512 -> 768 at head_dim 32, LoRA r8) under
+# autocast with precision.fp32_attention and lora_sums_in_fp32, as train.build_model sets them up; the same count
+# gives (6, 2, 4) / (5, 2, 3) elements for ("lora", 4) / ("lora_attn", 4) above. The count is
+# tests/test_plan.py::saved_bytes_per_token_layer; test_fused_activation_coefficients_match_a_real_model checks a
+# model of another shape against them. Left out, as above: ~0.1-0.2 KiB per token and layer that does not grow
+# with h, kv or i (rotary embedding terms); the 1/8 byte per h is SDPA's logsumexp (4 bytes per head of 32).
+MIXED_ACTIVATION_BYTES = {
+    # (targets, fused): fused = tunelab's fused LoRA layers (tunelab/fastlora.py, lora.fused, on a CPU): bf16 inputs
+    # kept for the sibling matmuls and SwiGLU, RMSNorm keeping x alone; SmolLM2-135M: 22.9 KiB/token/layer
+    ("lora", True): (22.125, 8, 6), ("lora_attn", True): (20.125, 8, 6),
+    # peft's layers under autocast (lora.fused=false, dropout, DoRA, a GPU): SmolLM2-135M 36.7 KiB/token/layer
+    ("lora", False): (28.125, 8, 14), ("lora_attn", False): (24.125, 8, 6),
+}
 
 NF4_BITS = {True: 4 + 8 / 64 + 32 / (64 * 256), False: 4 + 32 / 64}  # double_quant -> bits per weight
 CUDA_CONTEXT_GIB = 0.5
@@ -295,7 +333,15 @@ CPU_EFFICIENCY = (0.40, 0.55, 0.65)
 51.7-58.7% quiet); the low end allows for the 2 cores being shared."""
 CPU_EFFICIENCY_BF16 = (0.24, 0.32, 0.40)
 """bf16 on this CPU (native AVX512_BF16): tunelab-bf16 trained at 70% of the fp32 peak = 32% of the bf16
-peak (BENCHMARKS.md run C): the elementwise work around the matmuls does not speed up with bf16."""
+peak (BENCHMARKS.md run C): the elementwise work around the matmuls does not speed up with bf16. bf16-mixed
+was not measured on that CPU kind: the same range is used for it."""
+CPU_EFFICIENCY_MIXED_AMX = (0.04, 0.07, 0.10)
+"""bf16 and bf16-mixed on a CPU with AMX, against CPU_GFLOPS_BF16_AMX: AMX makes the bf16 matmuls 6x the fp32
+ones, not the rest of a step (elementwise work, fp32 attention, Python). tunelab's bf16-mixed arms of
+BENCHMARKS.md "Issue 16: fused LoRA layers" (SmolLM2-135M, alpaca_en_demo, 512 tokens, 2 x 8, LoRA r16 x 7; this
+module's FLOP count over the run's step time): 2.8-5.7% on the slow-host runs B-D, 6.5-7.5% (pieces of 512-1,024)
+in runs A and E, 10.3% with pieces of 4,096 (run A); the bench's own MFU against each run's measured bf16 peak:
+3.2-11.4%. The fused layers are 1.05-1.31x peft's within a run: one range serves both."""
 GPU_EFFICIENCY = {"lora": (0.25, 0.40, 0.75), "full": (0.25, 0.40, 0.75), "qlora": (0.20, 0.33, 0.75)}
 """Published single-GPU runs, as a fraction of the datasheet peak (FLOPs counted as below):
 litgpt Llama-3-8B QLoRA on an A10G 0.32 (incl. its validation), torchtune Llama-3.1-8B QLoRA on a
@@ -337,6 +383,11 @@ class Workload:
     chunked loss (no logits kept) or the stock loss (all logits, fp32 copies)."""
     bf16_requested: bool = False
     """model.dtype: bfloat16 explicitly (on a GPU without bf16 it then runs at fp32 speed or below)."""
+    mixed: bool = False
+    """bf16-mixed: fp32 weights and optimizer state (compute_bytes 4), matmuls under bf16 autocast."""
+    fused: bool = False
+    """tunelab's fused LoRA layers (bf16-mixed LoRA on a CPU, tunelab/fastlora.py): the adapted Linear weights
+    are bf16 (their fp32 copies freed), activations as MIXED_ACTIVATION_BYTES[..., True]."""
     tokens_per_pass: int = 2048
     """Largest forward pass (rows x padded length, or a packed piece): sets activation memory."""
     trained_per_pass: int | None = None
@@ -385,6 +436,14 @@ def _optimizer_bytes_per_param(optim: str, param_bytes: int) -> float:
 
 def activation_bytes_per_token_layer(shape: Shape, w: Workload) -> float:
     b = w.compute_bytes
+    if w.mixed and w.method == "lora":
+        mlp = any(m in w.lora_targets for m in ("gate_proj", "up_proj", "down_proj"))
+        ch, ckv, ci = MIXED_ACTIVATION_BYTES[("lora" if mlp else "lora_attn", w.fused)]
+        if w.lora_dropout > 0:  # peft's layers keep the dropped copy of their fp32 input
+            dh, dkv, di = DROPOUT_EXTRA[4]
+            frac = len([m for m in w.lora_targets if m in shape.module_dims()]) / 7
+            ch, ckv, ci = ch + 4 * dh * frac, ckv + 4 * dkv * frac, ci + 4 * di * frac
+        return ch * shape.hidden + ckv * shape.kv_width + ci * shape.intermediate + (8 * shape.hidden if w.dora else 0)
     if w.method == "qlora" and w.upcast_non_quantized:  # peft's prepare_model_for_kbit_training path
         key = ("qlora", b)
     elif w.method == "full":
@@ -419,6 +478,7 @@ def estimate_memory(shape: Shape, w: Workload, device: Device) -> Memory:
     shard = w.n_gpus if (w.shard and w.n_gpus > 1) else 1
     lin = shape.layers * shape.layer_linear_params
     other = shape.embed_params + shape.head_params + (2 * shape.layers + 1) * shape.hidden
+    adapted = shape.layers * sum(a * o for m, (a, o) in shape.module_dims().items() if m in w.lora_targets)
     if w.quant_bits is not None:
         other_bytes = 4 if w.upcast_non_quantized else b
         parts["weights"] = (lin * w.quant_bits / 8 + other * other_bytes) / shard
@@ -426,6 +486,10 @@ def estimate_memory(shape: Shape, w: Workload, device: Device) -> Memory:
                             f"{other / 1e9:.2f}B at {other_bytes * 8} bits"
                             + (" (peft's prepare_model_for_kbit_training casts them to fp32)"
                                if other_bytes == 4 else ""))
+    elif w.fused:  # the adapted Linear weights in bf16 (fastlora's group buffers), the rest as loaded (fp32)
+        parts["weights"] = (adapted * 2 + (lin - adapted + other) * b) / shard
+        notes["weights"] = (f"{adapted / 1e9:.2f}B adapted Linear params at 16 bits (fused LoRA layers), "
+                            f"{(lin - adapted + other) / 1e9:.2f}B at {b * 8} bits")
     else:
         parts["weights"] = (lin + other) * b / shard
         notes["weights"] = f"{(lin + other) / 1e9:.2f}B params at {b * 8} bits"
@@ -434,6 +498,13 @@ def estimate_memory(shape: Shape, w: Workload, device: Device) -> Memory:
     if w.method != "full":
         parts["adapter"] = n_train * trainable_bytes
         notes["adapter"] = f"{'DoRA' if w.dora else 'LoRA'} r={w.lora_r}: {n_train / 1e6:.1f}M params, fp32"
+    if w.fused and cpu:
+        # Measured (SmolLM2-135M, one process): building the fused model raised RSS by 0.66 GB, the unfused one by
+        # 0.03 GB (its weights are read lazily, in the first step); a step of 1,024 tokens then peaked at 2.63 vs
+        # 3.72 GB. Clean file pages are reclaimable, so this overstates what must fit, as peak RSS does.
+        parts["fp32 weight pages"] = adapted * 4 / shard
+        notes["fp32 weight pages"] = ("the adapted weights' fp32 file pages the fusing reads once (safetensors maps "
+                                      "the model file): page cache, reclaimable, but in peak RSS")
     parts["gradients"] = n_train * trainable_bytes / shard
     notes["gradients"] = f"{n_train / 1e6:.1f}M trainable x {trainable_bytes} bytes"
     parts["optimizer"] = n_train * _optimizer_bytes_per_param(w.optim, trainable_bytes) / shard
@@ -456,6 +527,11 @@ def estimate_memory(shape: Shape, w: Workload, device: Device) -> Memory:
         act *= CPU_ACTIVATION_FACTOR
         notes["activations"] += f", x{CPU_ACTIVATION_FACTOR} CPU allocator (measured)"
     parts["activations"] = act
+    if w.mixed and not w.fused and w.method != "qlora":
+        # autocast casts every Linear weight to bf16 each forward and keeps the copy for the backward: counted with
+        # the hooks above at 1.18 MB per layer of 1.11 MB of bf16 weights (h 256, i 512); fused layers: 0.04 MB
+        parts["autocast weight copies"] = lin * 2
+        notes["autocast weight copies"] = "bf16 copies of the Linear weights, made each step and kept for backward"
     trained = w.trained_per_pass if w.trained_per_pass is not None else T
     if w.keep_logits:
         rows = min(w.loss_chunk, T)
@@ -538,7 +614,10 @@ class Timing:
 
 def estimate_time(shape: Shape, w: Workload, device: Device) -> Timing:
     cpu = device.name == "cpu"
-    if w.compute_bytes == 4:
+    if w.mixed and device.bf16:
+        peak = device.tflops16
+        note = "bf16-mixed (bf16 matmuls)"
+    elif w.compute_bytes == 4:
         peak = device.tflops32
         note = "fp32"
     elif device.bf16:
@@ -551,7 +630,7 @@ def estimate_time(shape: Shape, w: Workload, device: Device) -> Timing:
         peak = device.tflops16  # fp16 tensor cores (tunelab's auto dtype picks fp16 where bf16 is missing)
         note = "fp16 (no bf16 on this GPU)"
     if cpu:
-        eff = CPU_EFFICIENCY if w.compute_bytes == 4 else CPU_EFFICIENCY_BF16
+        eff = CPU_EFFICIENCY if peak == device.tflops32 else (device.eff16 or CPU_EFFICIENCY_BF16)
     else:
         sat = w.tokens_per_pass / (w.tokens_per_pass + SATURATION_TOKENS)
         eff = tuple(e * sat for e in GPU_EFFICIENCY[w.method])
@@ -680,14 +759,20 @@ def _steps_stats(cfg, prof: DataProfile | None, n_gpus: int, pack: int) -> dict:
 def workload_from_config(cfg, prof: DataProfile | None, device: Device, n_gpus: int = 1,
                          shard: bool | None = None) -> Workload:
     q, lo, t, d = cfg.quantization, cfg.lora, cfg.train, cfg.data
+    from .distributed import fsdp_requested
+
     cpu = device.name == "cpu"
-    if cfg.model.dtype == "auto":
-        b = 4 if cpu else 2
-    else:
-        b = {"float32": 4, "bf16-mixed": 4, "bfloat16": 2, "float16": 2}[cfg.model.dtype]  # bf16-mixed: fp32 weights
+    dtype = cfg.model.dtype
+    if dtype == "auto":  # as precision.pick_precision: on a CPU by its native bf16 (the planned device's)
+        dtype = ("bf16-mixed" if device.bf16 else "float32") if cpu else "bfloat16"
+    b = {"float32": 4, "bf16-mixed": 4, "bfloat16": 2, "float16": 2}[dtype]  # bf16-mixed: fp32 weights
     if q.load_in_4bit and q.compute_dtype != "auto":
         b = {"float32": 4, "bfloat16": 2, "float16": 2}[q.compute_dtype]
     method = "full" if not lo.enabled else ("qlora" if q.load_in_4bit else "lora")
+    mixed = dtype == "bf16-mixed" and not q.load_in_4bit
+    # train.fused_lora_off's gate and fastlora's eligibility (peft's layers for dropout, DoRA, trained biases)
+    fused = (mixed and cpu and method == "lora" and lo.fused and lo.dropout == 0 and not lo.use_dora
+             and lo.bias == "none" and not (n_gpus > 1 or fsdp_requested()))
     from .config import pack_max_tokens
 
     st = _steps_stats(cfg, prof, n_gpus, pack_max_tokens(cfg.data, device.name))
@@ -710,7 +795,7 @@ def workload_from_config(cfg, prof: DataProfile | None, device: Device, n_gpus: 
         quant_bits=NF4_BITS[q.double_quant] if q.load_in_4bit else None,
         lora_r=lo.r, lora_targets=tuple(lo.target_modules), dora=lo.use_dora, lora_dropout=lo.dropout,
         optim=t.optim, gradient_checkpointing=t.gradient_checkpointing, chunked_loss=t.chunked_loss,
-        loss_chunk=t.loss_chunk_size,
+        loss_chunk=t.loss_chunk_size, mixed=mixed, fused=fused,
         bf16_requested=(cfg.model.dtype == "bfloat16" or q.load_in_4bit and q.compute_dtype == "bfloat16"),
         tokens_per_pass=int(st["tokens_per_pass"]),
         trained_per_pass=st["trained_per_pass"], tokens_per_step=st["tokens_per_step"],
@@ -1103,12 +1188,13 @@ def check_point(p: dict) -> dict:
 
 
 def check_measured(point: dict, repo: Path) -> dict:
-    """Estimate one of this machine's measured runs (bench/results/plan_validation.json) from its config."""
+    """Estimate one of this machine's measured runs (bench/results/plan_validation.json) from its config, on the
+    CPU kind it ran on (`cpu_kind`: cpu_device's; default the host's)."""
     from .config import load_config
 
     cfg, _ = load_config(repo / point["config"], point["overrides"])
     prof, why = read_data(cfg, (repo / point["config"]).parent)
-    dev = cpu_device()
+    dev = cpu_device(point.get("cpu_kind"))
     shape, _ = find_shape(cfg.model.name, cfg.model.revision)
     w = workload_from_config(cfg, prof, dev)
     mem = estimate_memory(shape, w, dev)
@@ -1118,7 +1204,7 @@ def check_measured(point: dict, repo: Path) -> dict:
     if rate:  # the same model at the matmul rate measured around the run (the machine's share at the time)
         g = sum(rate) / len(rate) / 1000
         at_load = estimate_time(shape, w,
-                                dataclasses.replace(dev, tflops32=g, tflops16=g * CPU_GFLOPS_BF16 / CPU_GFLOPS_FP32))
+                                dataclasses.replace(dev, tflops32=g, tflops16=g * dev.tflops16 / dev.tflops32))
     return {"id": point["id"], "memory_est_gib": round(mem.total / GIB, 3), "memory_gib": point["peak_rss_gib"],
             "memory_ratio": round(mem.total / GIB / point["peak_rss_gib"], 3),
             "s_per_step_est": [round(x, 2) for x in tm.s_per_step], "s_per_step": point["s_per_step"],

@@ -28,7 +28,7 @@ from .data.packing import PackedCollator, is_packed, packed_attention, split_pac
 from .data.pipeline import Collator, DataStats, TokenizedDataset, prepare
 from .data.preflight import PreflightError, check_examples
 from .distributed import FsdpOnCpu, ShardReport, fsdp_requested
-from .fastlora import fuse_lora
+from .fastlora import fuse_lora, fused_layers
 from .fsutil import atomic_write_text, commit_dir, is_disk_full, remove_tree
 from .loss import chunked_causal_lm_loss
 from .models import (
@@ -129,12 +129,56 @@ def build_model(s: Setup):
         # on a CPU (peft keeps the adapter fp32 there). Not on a GPU's bf16 weights: its measured speed and
         # memory (BENCHMARKS.md, H200) are kept as they are until measured with it.
         if p.autocast == torch.bfloat16 and (p.weights == torch.float32 or s.device == "cpu"):
+            # fused layers too (registered before fusing): their fused path never runs the hook (no cost), peft's
+            # fallback does (extra arguments such as a mixed batch's adapter_names), and needs it there
             lora_sums_in_fp32(model)
-        if lc.fused and s.device == "cpu" and p.name == "bf16-mixed" and not q.load_in_4bit and not fsdp_requested():
-            # one matmul per sibling group, bf16 frozen weights, fp32 LoRA sums (not under FSDP: the group's
-            # buffer would hold the whole frozen base on every rank, and the shards are DTensors)
+        if fused_lora_off(cfg, s.device) is None:
+            # one matmul per sibling group, bf16 frozen weights, fp32 LoRA sums
             fuse_lora(model)
     return model
+
+
+def fused_lora_off(cfg: RunConfig, device: str) -> str | None:
+    """Why build_model leaves peft's LoRA layers as they are (tunelab/fastlora.py); None where it fuses them."""
+    if not cfg.lora.enabled:
+        return "full fine-tune, no LoRA layers"
+    if not cfg.lora.fused:
+        return "lora.fused=false"
+    if device != "cpu":
+        return f"{device}: the fused layers are for CPUs"
+    p = pick_precision(cfg.model.dtype, device)
+    if p.name != "bf16-mixed":
+        return f"{p.name}: the fused layers are for bf16-mixed"
+    if cfg.quantization.load_in_4bit:
+        return "QLoRA: the 4-bit base keeps peft's layers"
+    if fsdp_requested():  # the group's buffer would hold the whole frozen base on every rank; shards are DTensors
+        return "FSDP: the frozen weights are sharded"
+    return None
+
+
+def fused_lora_report(model, cfg: RunConfig, device: str) -> dict:
+    """summary.json `fused_lora`: what the fused path replaced, counted from the model (fastlora.fused_layers),
+    or why peft's layers stayed."""
+    counts = fused_layers(model)
+    if counts["layers"]:
+        return {"enabled": True, **counts}
+    reason = fused_lora_off(cfg, device)
+    if reason is None:  # fuse_lora ran (or TRL built the adapter) and found no layer it computes
+        lc = cfg.lora
+        reason = (f"train.method={cfg.train.method}: fused layers are for SFT runs" if cfg.train.method != "sft"
+                  else "lora.use_dora=true" if lc.use_dora else f"lora.dropout={lc.dropout} > 0" if lc.dropout > 0
+                  else f"lora.bias={lc.bias}" if lc.bias != "none" else "no LoRA layer the fused path computes")
+    return {"enabled": False, "reason": reason, **{k: v for k, v in counts.items() if v}}
+
+
+def fused_lora_line(report: dict) -> str:
+    """The run log's line for fused_lora_report."""
+    norms = (f", {report['rms_norms']} RMSNorm" if report.get("rms_norms") else "")
+    if not report["enabled"]:
+        return f"fused LoRA layers: off ({report['reason']})" + (f"; hand-written{norms[1:]}" if norms else "")
+    groups = " + ".join(f"{n} {k.replace('_proj', '').replace('+', '/')}" for k, n in report["groups"].items())
+    mlps = f", {report['swiglu_mlps']} SwiGLU" if report["swiglu_mlps"] else ""
+    return f"fused LoRA layers: {groups} groups ({report['layers']} layers){mlps}{norms} (lora.fused)"
 
 
 def training_arguments(cfg: RunConfig, out: Path, device: str, dtype: torch.dtype, has_eval: bool,
@@ -413,6 +457,7 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, config_dir: Path | N
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
     # before anything is written: a model that won't load or a trainer that refuses leaves no run folder
     trainer = recipe.trainer(s, out)
+    console.print(fused_lora_line(fused_lora_report(trainer.model, cfg, s.device)))
     if main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / CONFIG)
@@ -559,6 +604,8 @@ def make_summary(trainer, result, s: Setup, out: Path, wall: float, method: str)
         "device": s.device,
         "compute_dtype": pick_precision(s.cfg.model.dtype, s.device).name,  # bf16-mixed: fp32 weights, bf16 matmuls
         "precision": pick_precision(s.cfg.model.dtype, s.device).to_dict(),
+        # the fused LoRA layers (tunelab/fastlora.py) counted from the model, or why peft's stayed
+        "fused_lora": fused_lora_report(trainer.model, s.cfg, s.device),
         "global_step": trainer.state.global_step,
         "max_steps": trainer.state.max_steps,
         "epochs": rnd(trainer.state.epoch),
