@@ -219,6 +219,30 @@ def test_training_with_fused_layers_tracks_peft(monkeypatch, tmp_path, tiny_conf
     assert a[-1] < a[0]  # it trains
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_fusing_releases_the_checkpoint_map(tiny_model, tmp_path):
+    """transformers' CPU load leaves the weights as views of safetensors' map of the checkpoint; after fusing, the
+    frozen projections live in bf16 copies and the map (their fp32 pages) is released, the other parameters
+    copied unchanged."""
+    import gc
+    import shutil
+
+    folder = shutil.copytree(tiny_model, tmp_path / "model")  # a file no other test's model maps
+    path = str(folder / "model.safetensors")
+
+    def mapped():
+        return any(line.rstrip().endswith(path) for line in open("/proc/self/maps"))
+
+    model = _lora(folder)
+    assert mapped()
+    kept = {n: p.detach().clone() for n, p in model.named_parameters() if "proj" not in n}
+    assert fastlora.fuse_lora(model) > 0
+    gc.collect()
+    assert not mapped()
+    now = dict(model.named_parameters())
+    assert kept and all(torch.equal(now[n], v) for n, v in kept.items())
+
+
 def test_keep_freed_memory_stops_page_faults_on_reallocation():
     """A loop that allocates and frees a 64 MB tensor: glibc maps fresh pages (page faults) each time by default,
     and reuses its heap once keep_freed_memory() ran."""

@@ -310,7 +310,43 @@ def fuse_lora(model: nn.Module) -> int:
         mlp = all(k in layers for k in ("gate_proj", "up_proj", "down_proj")) and type(parent).__name__.endswith("MLP")
         if mlp and _is_silu(getattr(parent, "act_fn", None)):
             parent.forward = _make_mlp_forward(parent)
+    if n:
+        release_checkpoint_map(model)
     return n
+
+
+def _checkpoint_maps() -> list[tuple[int, int]]:
+    """Address ranges of the safetensors files mapped into this process (Linux /proc/self/maps; [] elsewhere)."""
+    ranges = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 6 and parts[-1].endswith(".safetensors"):
+                    start, end = parts[0].split("-")
+                    ranges.append((int(start, 16), int(end, 16)))
+    except OSError:
+        pass
+    return ranges
+
+
+def release_checkpoint_map(model: nn.Module) -> int:
+    """Copy the parameters and buffers that still live in the checkpoint's memory map into ordinary memory, so
+    that the map is released. safetensors maps the checkpoint file and the tensors transformers loads on a CPU
+    are views of it; once fusing has replaced the frozen projections by bf16 copies, the map still holds their
+    fp32 pages, resident since fusing read them, for the embedding and norms that remain views of it (SmolLM2:
+    0.55 GiB of file pages in RSS for 0.11 GiB of tensors still used). Returns the bytes copied."""
+    ranges = _checkpoint_maps()
+    copied = 0
+    if not ranges:
+        return copied
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            ptr = t.data_ptr()
+            if t.device.type == "cpu" and any(a <= ptr < b for a, b in ranges):
+                t.data = t.data.clone()
+                copied += t.numel() * t.element_size()
+    return copied
 
 
 def fused_layers(model: nn.Module) -> dict:
