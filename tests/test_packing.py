@@ -92,6 +92,7 @@ def test_packed_training_matches_unpacked(tmp_path, tiny_config):
     assert main(["train", str(tiny_config), "--output", str(b), *common, "--set", "data.packing=true",
                  "--set", "data.pack_max_tokens=64"]) == 0
     (la, ta), (lb, tb) = _losses(a, 3), _losses(b, 3)
+    assert [json.loads((r / "summary.json").read_text())["pack_max_tokens"] for r in (a, b)] == [None, 64]
     assert ta == tb  # the same non-pad tokens were trained
     assert len(la) == len(lb) == 3 and max(abs(x - y) for x, y in zip(la, lb)) < 1e-4, (la, lb)
     wa = load_file(a / "final" / "adapter_model.safetensors")

@@ -627,6 +627,8 @@ def make_summary(trainer, result, s: Setup, out: Path, wall: float, method: str)
         "checkpoints": [p.name for p in checkpoints(out)],
         # how the training loss was computed: "chunked" (tunelab/loss.py) or "stock" (the model's own)
         "loss_computation": "+".join(sorted(getattr(trainer, "loss_kinds", ()))) or None,
+        # data.packing: most tokens per forward pass (data.pack_max_tokens, `auto` resolved for this device)
+        "pack_max_tokens": pack_max_tokens(s.cfg.data, s.device) if s.cfg.data.packing else None,
         # FSDP: each process's share of the parameters (tunelab/distributed.py), else None
         "fsdp": shards.report if (shards := callback(trainer, ShardReport)) else None,
         "pad_token": s.tokenizer.pad_token,
