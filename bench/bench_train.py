@@ -427,7 +427,7 @@ def summarise(name, info, r, peaks: dict) -> dict:
     return {
         "arm": name, "bf16": info.get("bf16", False), "gradient_checkpointing": info.get("gradient_checkpointing", False),
         "precision": info.get("precision"), "matmul_dtype": info.get("matmul_dtype", "float32"),
-        "torch_threads": info.get("torch_threads"),
+        "torch_threads": info.get("torch_threads"), "pack_max_tokens": info.get("pack_max_tokens"),
         "steps": len(steps), "timed_steps": len(steps[timed]),
         "step_seconds": [round(x, 2) for x in steps],
         "seconds_per_step": round(secs / max(1, len(steps[timed])), 2),

@@ -498,13 +498,6 @@ def estimate_memory(shape: Shape, w: Workload, device: Device) -> Memory:
     if w.method != "full":
         parts["adapter"] = n_train * trainable_bytes
         notes["adapter"] = f"{'DoRA' if w.dora else 'LoRA'} r={w.lora_r}: {n_train / 1e6:.1f}M params, fp32"
-    if w.fused and cpu:
-        # Measured (SmolLM2-135M, one process): building the fused model raised RSS by 0.66 GB, the unfused one by
-        # 0.03 GB (its weights are read lazily, in the first step); a step of 1,024 tokens then peaked at 2.63 vs
-        # 3.72 GB. Clean file pages are reclaimable, so this overstates what must fit, as peak RSS does.
-        parts["fp32 weight pages"] = adapted * 4 / shard
-        notes["fp32 weight pages"] = ("the adapted weights' fp32 file pages the fusing reads once (safetensors maps "
-                                      "the model file): page cache, reclaimable, but in peak RSS")
     parts["gradients"] = n_train * trainable_bytes / shard
     notes["gradients"] = f"{n_train / 1e6:.1f}M trainable x {trainable_bytes} bytes"
     parts["optimizer"] = n_train * _optimizer_bytes_per_param(w.optim, trainable_bytes) / shard
