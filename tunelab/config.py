@@ -103,8 +103,8 @@ class DataConfig:
     pack_max_tokens: int | str = "auto"
     """With packing: most tokens per forward pass; a longer step is split at example boundaries
     into several passes (gradient accumulation): the same gradients, less activation memory. `auto`:
-    1024 on a CPU (2.9x the recipe's stack at 0.98x its memory; pieces of 4096 were another 1.1-1.4x
-    faster at about twice the memory), 4096 on a GPU (BENCHMARKS.md has the measured trade-offs)."""
+    1024 on a CPU (3.1-3.2x the recipe's stack at 0.86-0.89x its memory; pieces of 4096 were another
+    1.1-1.2x faster at 1.5-1.7x the memory), 4096 on a GPU (BENCHMARKS.md has the measured trade-offs)."""
     min_response_chars: int | None = None
     """Drop rows whose response is shorter than this many characters (as `tunelab data filter`)."""
     max_response_chars: int | None = None
