@@ -335,13 +335,15 @@ CPU_EFFICIENCY_BF16 = (0.24, 0.32, 0.40)
 """bf16 on this CPU (native AVX512_BF16): tunelab-bf16 trained at 70% of the fp32 peak = 32% of the bf16
 peak (BENCHMARKS.md run C): the elementwise work around the matmuls does not speed up with bf16. bf16-mixed
 was not measured on that CPU kind: the same range is used for it."""
-CPU_EFFICIENCY_MIXED_AMX = (0.04, 0.07, 0.10)
+CPU_EFFICIENCY_MIXED_AMX = (0.04, 0.08, 0.12)
 """bf16 and bf16-mixed on a CPU with AMX, against CPU_GFLOPS_BF16_AMX: AMX makes the bf16 matmuls 6x the fp32
 ones, not the rest of a step (elementwise work, fp32 attention, Python). tunelab's bf16-mixed arms of
 BENCHMARKS.md "Issue 16: fused LoRA layers" (SmolLM2-135M, alpaca_en_demo, 512 tokens, 2 x 8, LoRA r16 x 7; this
 module's FLOP count over the run's step time): 2.8-5.7% on the slow-host runs B-D, 6.5-7.5% (pieces of 512-1,024)
 in runs A and E, 10.3% with pieces of 4,096 (run A); the bench's own MFU against each run's measured bf16 peak:
-3.2-11.4%. The fused layers are 1.05-1.31x peft's within a run: one range serves both."""
+3.2-11.4%; after the chunked loss's single head cast, tunelab's defaults (pieces of 1,024): 8.3% (run F), 11.8%
+(runs G and H, BENCHMARKS.md "pieces of 1,024 tokens by default"). The fused layers are 1.05-1.31x peft's within
+a run: one range serves both."""
 GPU_EFFICIENCY = {"lora": (0.25, 0.40, 0.75), "full": (0.25, 0.40, 0.75), "qlora": (0.20, 0.33, 0.75)}
 """Published single-GPU runs, as a fraction of the datasheet peak (FLOPs counted as below):
 litgpt Llama-3-8B QLoRA on an A10G 0.32 (incl. its validation), torchtune Llama-3.1-8B QLoRA on a
