@@ -48,7 +48,7 @@ def _max_diff(a: Path, b: Path) -> float:
 
 
 def test_kill9_at_random_moments_then_resume_equals_uninterrupted(tmp_path, tiny_config):
-    sets = ["data.test_size=0", "train.max_steps=12", "train.save_steps=1", "train.save_total_limit=2"]
+    sets = ["data.test_size=0", "train.max_steps=30", "train.save_steps=1", "train.save_total_limit=2"]
     ref = tmp_path / "ref"
     assert main(["train", str(tiny_config), "--output", str(ref)] + sum([["--set", s] for s in sets], [])) == 0
     out = tmp_path / "killed"
@@ -86,8 +86,60 @@ def test_kill9_at_random_moments_then_resume_equals_uninterrupted(tmp_path, tiny
     assert during_save >= 3, f"only {during_save} kills hit a checkpoint save"
     _assert_complete_checkpoints(out)
     assert len(list(out.glob("checkpoint-*"))) <= 2  # save_total_limit held
-    assert (out / "checkpoint-12").is_dir()
+    assert (out / "checkpoint-30").is_dir()
     assert _max_diff(ref / "final" / "adapter_model.safetensors", out / "final" / "adapter_model.safetensors") < 1e-5
+
+
+def _finished_run(tmp_path, tiny_config):
+    sets = ["data.test_size=0", "train.max_steps=6", "train.save_steps=1", "train.save_total_limit=2"]
+    out = tmp_path / "run"
+    args = ["train", str(tiny_config), "--output", str(out)] + sum([["--set", s] for s in sets], [])
+    assert main(args) == 0
+    return out, args
+
+
+def test_resume_of_a_finished_run_changes_nothing(tmp_path, tiny_config, capsys):
+    """--resume of a run that finished: nothing trained, nothing rewritten (the Trainer, resumed at max_steps,
+    would train a step more and overwrite final/)."""
+    out, args = _finished_run(tmp_path, tiny_config)
+    before = {p: p.read_bytes() for p in [out / "summary.json", *sorted((out / "final").iterdir())]}
+    assert main(args + ["--resume"]) == 0
+    assert "finished at step 6" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in before} == before
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-5", "checkpoint-6"]
+
+
+def test_resume_after_the_last_checkpoint_saves_it_as_final(tmp_path, tiny_config):
+    """Killed after checkpoint-6 (= max_steps) and before the final save: --resume writes that checkpoint's weights
+    as final/, with no step more, and the summary says step 6."""
+    out, args = _finished_run(tmp_path, tiny_config)
+    reference = load_file(out / "final" / "adapter_model.safetensors")
+    import shutil
+
+    shutil.rmtree(out / "final")
+    (out / "summary.json").unlink()
+    assert main(args + ["--resume"]) == 0
+    assert not (out / "checkpoint-7").exists()
+    assert _max_diff(out / "checkpoint-6" / "adapter_model.safetensors", out / "final" / "adapter_model.safetensors") == 0
+    assert max((reference[k] - v).abs().max().item() for k, v in load_file(out / "final" / "adapter_model.safetensors").items()) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["global_step"] == 6
+
+
+def test_the_trainer_still_steps_past_max_steps_on_resume(tmp_path, tiny_config, monkeypatch):
+    """Why tunelab.callbacks.NoStepPastMaxSteps exists: without it, transformers' Trainer resumed from a checkpoint
+    at max_steps trains one step more (checkpoint-7 of 6). Red the day the Trainer stops doing it: then the
+    callback can go."""
+    from tunelab.callbacks import NoStepPastMaxSteps
+
+    out, args = _finished_run(tmp_path, tiny_config)
+    import shutil
+
+    shutil.rmtree(out / "final")
+    (out / "summary.json").unlink()
+    monkeypatch.setattr(NoStepPastMaxSteps, "on_step_begin", lambda self, *a, **k: None)
+    assert main(args + ["--resume"]) == 0
+    assert (out / "checkpoint-7").is_dir()
 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])

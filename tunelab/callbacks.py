@@ -147,3 +147,21 @@ class CommitCheckpoints(TrainerCallback):
             remove_tree(self.staging)
             rotate_checkpoints(self.run, self.limit, best)
         dist.wait_for_everyone()
+
+
+class AtMaxSteps(Exception):
+    """Raised by NoStepPastMaxSteps before a step past train.max_steps."""
+
+
+class NoStepPastMaxSteps(TrainerCallback):
+    """transformers' Trainer resumed from a checkpoint already at max_steps trains one step more: its epoch loop
+    checks should_training_stop only after a step (transformers 5.24 Trainer._run_epoch), so `--resume` of a run
+    killed between its last checkpoint and its final save ended one optimizer step past the uninterrupted run.
+    Added by train.run for that resume only: raises AtMaxSteps at the start of such a step, before its data is
+    computed; run then saves the checkpoint's weights as the final model.
+    tests/test_reliability.py::test_the_trainer_still_steps_past_max_steps_on_resume goes red the day the Trainer
+    stops doing it (then this can go)."""
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.max_steps > 0 and state.global_step >= state.max_steps:
+            raise AtMaxSteps(state.global_step)

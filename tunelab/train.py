@@ -22,7 +22,15 @@ from pathlib import Path
 import torch
 from transformers import EarlyStoppingCallback, Trainer
 
-from .callbacks import CommitCheckpoints, FiniteGradients, NonFinite, OverfitWatch, StopOnSignal
+from .callbacks import (
+    AtMaxSteps,
+    CommitCheckpoints,
+    FiniteGradients,
+    NonFinite,
+    NoStepPastMaxSteps,
+    OverfitWatch,
+    StopOnSignal,
+)
 from .config import ConfigError, RunConfig, pack_max_tokens, save_config
 from .data.packing import PackedCollator, is_packed, packed_attention, split_packed
 from .data.pipeline import Collator, DataStats, TokenizedDataset, prepare
@@ -43,7 +51,17 @@ from .models import (
     write_base_fingerprint,
 )
 from .precision import fp32_attention, keep_freed_memory, lora_sums_in_fp32
-from .rundir import CONFIG, FINAL, STAGING, SUMMARY, checkpoints, newest_checkpoint, resume_checkpoint, saved_step
+from .rundir import (
+    CONFIG,
+    FINAL,
+    STAGING,
+    SUMMARY,
+    checkpoints,
+    has_weights,
+    newest_checkpoint,
+    resume_checkpoint,
+    saved_step,
+)
 from .ui import RichProgress, console, warn
 
 log = logging.getLogger("tunelab")
@@ -442,6 +460,11 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, config_dir: Path | N
         raise ConfigError(f"--resume: {out} is already at step {saved_step(checkpoint)} ({checkpoint.name}), past "
                           f"train.max_steps={cfg.train.max_steps}; to train further pass a larger "
                           f"--set train.max_steps=N")
+    at_end = checkpoint is not None and cfg.train.max_steps > 0 and saved_step(checkpoint) == cfg.train.max_steps
+    if at_end and has_weights(out / FINAL) and (out / SUMMARY).exists():
+        console.print(f"--resume: {out} finished at step {cfg.train.max_steps} ({FINAL}/ written); nothing to do "
+                      f"(to train further pass a larger --set train.max_steps=N)")
+        return json.loads((out / SUMMARY).read_text())
 
     # --- setup -------------------------------------------------------------------------------
     if cfg.train.method == "sft":
@@ -469,8 +492,15 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, config_dir: Path | N
         console.print(f"resuming from {checkpoint.name}")
     stop = callback(trainer, StopOnSignal)
     previous = {sig: signal.signal(sig, stop.handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    if at_end:  # killed after its last checkpoint, before the final save: no step more (NoStepPastMaxSteps)
+        trainer.add_callback(NoStepPastMaxSteps())
     try:
-        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        try:
+            result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        except AtMaxSteps:  # the checkpoint's weights and state are loaded: they are the final model
+            from transformers.trainer_utils import TrainOutput
+
+            result = TrainOutput(trainer.state.global_step, float("nan"), {"train_runtime": 0.0})
     except torch.OutOfMemoryError as e:  # CUDA OOM: the plan's advice, not a traceback
         last = newest_checkpoint(out)
         advice = _plan_call("oom_advice", cfg, s) or "lower train.per_device_train_batch_size or data.max_seq_length"
