@@ -155,7 +155,7 @@ class AtMaxSteps(Exception):
 
 class NoStepPastMaxSteps(TrainerCallback):
     """transformers' Trainer resumed from a checkpoint already at max_steps trains one step more: its epoch loop
-    checks should_training_stop only after a step (transformers 5.24 Trainer._run_epoch), so `--resume` of a run
+    checks should_training_stop only after a step (transformers 5.24), so `--resume` of a run
     killed between its last checkpoint and its final save ended one optimizer step past the uninterrupted run.
     Added by train.run for that resume only: raises AtMaxSteps at the start of such a step, before its data is
     computed; run then saves the checkpoint's weights as the final model.
