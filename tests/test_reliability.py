@@ -98,6 +98,14 @@ def _finished_run(tmp_path, tiny_config):
     return out, args
 
 
+def _unsave_final(out):
+    """As if killed after the last checkpoint and before the final save."""
+    import shutil
+
+    shutil.rmtree(out / "final")
+    (out / "summary.json").unlink()
+
+
 def test_resume_of_a_finished_run_changes_nothing(tmp_path, tiny_config, capsys):
     """--resume of a run that finished: nothing trained, nothing rewritten (the Trainer, resumed at max_steps,
     would train a step more and overwrite final/)."""
@@ -114,10 +122,7 @@ def test_resume_after_the_last_checkpoint_saves_it_as_final(tmp_path, tiny_confi
     as final/, with no step more, and the summary says step 6."""
     out, args = _finished_run(tmp_path, tiny_config)
     reference = load_file(out / "final" / "adapter_model.safetensors")
-    import shutil
-
-    shutil.rmtree(out / "final")
-    (out / "summary.json").unlink()
+    _unsave_final(out)
     assert main(args + ["--resume"]) == 0
     assert not (out / "checkpoint-7").exists()
     assert _max_diff(out / "checkpoint-6" / "adapter_model.safetensors", out / "final" / "adapter_model.safetensors") == 0
@@ -133,10 +138,7 @@ def test_the_trainer_still_steps_past_max_steps_on_resume(tmp_path, tiny_config,
     from tunelab.callbacks import NoStepPastMaxSteps
 
     out, args = _finished_run(tmp_path, tiny_config)
-    import shutil
-
-    shutil.rmtree(out / "final")
-    (out / "summary.json").unlink()
+    _unsave_final(out)
     monkeypatch.setattr(NoStepPastMaxSteps, "on_step_begin", lambda self, *a, **k: None)
     assert main(args + ["--resume"]) == 0
     assert (out / "checkpoint-7").is_dir()

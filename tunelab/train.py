@@ -456,11 +456,12 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, config_dir: Path | N
     # Under accelerate/torchrun every process runs this; only the main one checks and writes the run folder.
     main = int(os.environ.get("RANK", "0")) == 0
     checkpoint = resume_checkpoint(cfg, out, resume) if main else (newest_checkpoint(out) if resume else None)
-    if checkpoint is not None and cfg.train.max_steps > 0 and saved_step(checkpoint) > cfg.train.max_steps:
-        raise ConfigError(f"--resume: {out} is already at step {saved_step(checkpoint)} ({checkpoint.name}), past "
+    step = saved_step(checkpoint) if checkpoint is not None and cfg.train.max_steps > 0 else None
+    if step is not None and step > cfg.train.max_steps:
+        raise ConfigError(f"--resume: {out} is already at step {step} ({checkpoint.name}), past "
                           f"train.max_steps={cfg.train.max_steps}; to train further pass a larger "
                           f"--set train.max_steps=N")
-    at_end = checkpoint is not None and cfg.train.max_steps > 0 and saved_step(checkpoint) == cfg.train.max_steps
+    at_end = step == cfg.train.max_steps
     if at_end and has_weights(out / FINAL) and (out / SUMMARY).exists():
         console.print(f"--resume: {out} finished at step {cfg.train.max_steps} ({FINAL}/ written); nothing to do "
                       f"(to train further pass a larger --set train.max_steps=N)")
@@ -495,12 +496,11 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, config_dir: Path | N
     if at_end:  # killed after its last checkpoint, before the final save: no step more (NoStepPastMaxSteps)
         trainer.add_callback(NoStepPastMaxSteps())
     try:
-        try:
-            result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-        except AtMaxSteps:  # the checkpoint's weights and state are loaded: they are the final model
-            from transformers.trainer_utils import TrainOutput
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except AtMaxSteps:  # the checkpoint's weights and state are loaded: they are the final model
+        from transformers.trainer_utils import TrainOutput
 
-            result = TrainOutput(trainer.state.global_step, float("nan"), {"train_runtime": 0.0})
+        result = TrainOutput(trainer.state.global_step, float("nan"), {"train_runtime": 0.0})
     except torch.OutOfMemoryError as e:  # CUDA OOM: the plan's advice, not a traceback
         last = newest_checkpoint(out)
         advice = _plan_call("oom_advice", cfg, s) or "lower train.per_device_train_batch_size or data.max_seq_length"
