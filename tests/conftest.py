@@ -13,6 +13,16 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 
 
+@pytest.fixture(autouse=True)
+def cpu_flags_decide(monkeypatch):
+    """Tests that mock the CPU's flags mean them: torch's own check of this host (precision.torch_native, which
+    vetoes native bf16 where oneDNN won't run it) would turn a mocked native CPU into an emulating one on an
+    AVX2-only host. The tests of that veto set torch_native themselves."""
+    from tunelab import precision
+
+    monkeypatch.setattr(precision, "torch_native", lambda dtype: None)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """Folder with a 2-layer random Llama (hidden 64) and a 400-token BPE tokenizer (pad == eos)."""

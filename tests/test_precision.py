@@ -3,6 +3,7 @@ emulated; bf16-mixed on request), a tiny-model run where bf16 autocast is really
 fp32, and the numerics that keep LoRA's small updates visible under autocast."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -167,3 +168,38 @@ def test_plan_estimates_a_bf16_mixed_run(tiny_config):
         assert plan.memory_line(cfg, setup_data(cfg, tiny_config.parent).train, "cpu").startswith("plan: ~")
         w = plan.workload_from_config(cfg, None, plan.cpu_device())
         assert w.compute_bytes == 4 and w.mixed == w.fused == (dtype == "bf16-mixed")
+
+
+def test_flags_say_native_but_torch_will_not_run_bf16_then_auto_is_float32(monkeypatch):
+    """The flags alone are not enough: where torch's oneDNN won't run bf16 (held to AVX2 by ONEDNN_MAX_CPU_ISA, or a
+    torch without oneDNN) bf16 matmuls take a slow fallback, so auto must pick float32 and say why."""
+    from tunelab import plan
+
+    monkeypatch.setattr(models, "cpu_info", lambda: NATIVE)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.setattr(models, "torch_native", lambda dtype: False)
+    p = models.pick_precision("auto", "cpu")
+    assert (p.name, p.autocast) == ("float32", None)
+    assert "avx512_bf16" in p.reason and "oneDNN will not run bf16" in p.reason and "ONEDNN_MAX_CPU_ISA=AVX2" in p.reason
+    assert models.cpu_has_native(torch.bfloat16) is False
+    assert models.dtype_warning(torch.bfloat16, "cpu")  # asking for bf16 there is warned about
+    assert plan.cpu_device().bf16 is False  # and tunelab plan models it as emulated
+    monkeypatch.setattr(models, "torch_native", lambda dtype: True)
+    assert models.pick_precision("auto", "cpu").name == "bf16-mixed"
+    assert "oneDNN" not in models.pick_precision("auto", "cpu").reason
+    monkeypatch.setattr(models, "cpu_info", lambda: ("", frozenset()))  # no flags to read: torch decides
+    assert models.cpu_has_native(torch.bfloat16) is True
+
+
+def test_auto_in_a_process_held_to_avx2_picks_float32():
+    """The real check, no mocks: a process whose oneDNN is held to AVX2 picks float32 on any host (on a native-bf16
+    host the flags alone would have picked bf16-mixed and run emulated bf16)."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from tunelab.precision import pick_precision as p; r = p('auto', 'cpu'); print(r.name); print(r.reason)"
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout.splitlines()
+    assert out[0] == "float32", out

@@ -256,8 +256,8 @@ def cpu_device(kind: str | None = None) -> Device:
     if kind is None:
         import torch
 
-        kind = ("amx" if "amx_bf16" in cpu_info()[1] else "avx512_bf16" if cpu_has_native(torch.bfloat16)
-                else "emulated")
+        kind = ("emulated" if not cpu_has_native(torch.bfloat16) else "amx" if "amx_bf16" in cpu_info()[1]
+                else "avx512_bf16")
     if kind == "amx":
         return Device("cpu", round(ram, 1), CPU_GFLOPS_BF16_AMX / 1000, CPU_GFLOPS_FP32_AMX / 1000, True,
                       "this machine: AMX (BENCHMARKS.md, issue 16)", CPU_EFFICIENCY_MIXED_AMX)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import platform
 from dataclasses import dataclass
 
@@ -51,6 +52,8 @@ def pick_device(requested: str = "auto") -> str:
 
 # CPU flags (Linux /proc/cpuinfo names) that make a dtype's matmuls native rather than emulated.
 NATIVE_FLAGS = {"bfloat16": ("avx512_bf16", "amx_bf16"), "float16": ("avx512_fp16", "amx_fp16")}
+# settings that hold torch's CPU kernels below what the CPU has (named in the reason when they do)
+ONEDNN_LIMITS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
 
 
 @functools.lru_cache(maxsize=1)
@@ -73,20 +76,31 @@ def cpu_info() -> tuple[str, frozenset[str]]:
     return name or platform.processor(), flags
 
 
-def cpu_has_native(dtype: torch.dtype) -> bool:
-    """Whether this CPU computes `dtype` matmuls natively: AVX512_BF16 or AMX-BF16 for bf16, AVX512_FP16 or
-    AMX-FP16 for fp16, read from the CPU flags. Where no flags can be read, torch's own oneDNN checks decide
-    (private; they are what torch's CPU autocast tests use, so a missing one is read as "not native")."""
-    name = str(dtype).replace("torch.", "")
-    _, flags = cpu_info()
-    if flags:
-        return any(f in flags for f in NATIVE_FLAGS.get(name, ()))
+def torch_native(dtype: torch.dtype) -> bool | None:
+    """torch's own answer to "are `dtype` matmuls native here": whether its oneDNN will run them (it does not
+    where the CPU lacks the instructions, nor where oneDNN is held below them, e.g. ONEDNN_MAX_CPU_ISA=AVX2, a
+    setting that pins speed-sensitive hosts or mimics an older CPU). Without oneDNN, bf16 matmuls fall back to
+    a slow path whatever the flags say. None where this torch has no such check. Private: no public API says so;
+    torch's CPU autocast tests use the same checks."""
     try:
         check = (torch.ops.mkldnn._is_mkldnn_bf16_supported if dtype == torch.bfloat16
                  else torch.ops.mkldnn._is_mkldnn_fp16_supported)
         return bool(check())
     except (AttributeError, RuntimeError):
-        return False
+        return None
+
+
+def cpu_has_native(dtype: torch.dtype) -> bool:
+    """Whether this CPU computes `dtype` matmuls natively: its flags have the instructions (AVX512_BF16 or
+    AMX-BF16 for bf16, AVX512_FP16 or AMX-FP16 for fp16) and torch's oneDNN will use them (torch_native; the
+    flags alone said "native" under ONEDNN_MAX_CPU_ISA=AVX2, where bf16 matmuls ran at 2-30 GFLOP/s against
+    fp32's 189 on this project's Sapphire Rapids host). Where no flags can be read, torch's answer decides."""
+    name = str(dtype).replace("torch.", "")
+    _, flags = cpu_info()
+    by_torch = torch_native(dtype)
+    if flags:
+        return any(f in flags for f in NATIVE_FLAGS.get(name, ())) and by_torch is not False
+    return bool(by_torch)
 
 
 @dataclass(frozen=True)
@@ -111,7 +125,11 @@ class Precision:
 def _cpu_reason() -> str:
     model, flags = cpu_info()
     seen = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
-    return f"CPU {model or 'unknown'}, flags read: {', '.join(seen) or 'none of avx2/avx512f/avx512_bf16/amx'}"
+    why = f"CPU {model or 'unknown'}, flags read: {', '.join(seen) or 'none of avx2/avx512f/avx512_bf16/amx'}"
+    if any(f in flags for f in NATIVE_FLAGS["bfloat16"]) and torch_native(torch.bfloat16) is False:
+        held = ", ".join(f"{k}={os.environ[k]}" for k in ONEDNN_LIMITS if os.environ.get(k))
+        why += f"; but torch's oneDNN will not run bf16 here{f' ({held})' if held else ''}"
+    return why
 
 
 def pick_precision(requested: str, device: str) -> Precision:
