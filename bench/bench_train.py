@@ -37,7 +37,7 @@ loading of the step, forward, backward, gradient clipping, the optimizer and the
 The first step of each arm is a warm-up and is left out of the averages (reported apart).
 
 Model FLOPs utilisation (MFU) against the machine's matmul peaks, measured here in the same run
-(best of square matmuls 2048..4096 on all threads, fp32 and bf16, before and after the arms; the
+(best of square matmuls 2048..4096 on all threads, a @ b and a @ b^T, fp32 and bf16, before and after the arms; the
 higher of each is used). `mfu` is against the peak of the dtype the arm's matmuls ran in (bf16 for
 bf16 weights or bf16 autocast, fp32 otherwise); `mfu_best_peak` against the best of the two peaks
 (on an AVX2-only CPU bf16 is emulated and its peak is the lower one):
@@ -95,17 +95,28 @@ def reset_hwm() -> bool:
         return False
 
 
-def matmul_peak_gflops(sizes=(2048, 3072, 4096), reps=3, dtype: str = "float32") -> float:
+def matmul_peak_gflops(sizes=(2048, 3072, 4096), reps=3, dtype: str = "float32", slow_s: float = 2.0) -> float:
+    """Best GFLOP/s of square products, in both layouts a model uses: a @ b and F.linear's a @ b^T (where bf16 is
+    emulated the two take different fallback loops: 0.3 vs ~30 GFLOP/s with torch held to AVX2). Where one
+    product takes over `slow_s` seconds (a 4096 product would take minutes there), that first timing is the
+    layout's figure and its larger sizes are skipped."""
     import torch
+    import torch.nn.functional as F
 
     best = 0.0
-    for n in sizes:
-        a, b = torch.randn(n, n, dtype=getattr(torch, dtype)), torch.randn(n, n, dtype=getattr(torch, dtype))
-        a @ b
-        for _ in range(reps):
+    for product in (torch.matmul, F.linear):
+        for n in sizes:
+            a, b = torch.randn(n, n, dtype=getattr(torch, dtype)), torch.randn(n, n, dtype=getattr(torch, dtype))
             t = time.perf_counter()
-            a @ b
-            best = max(best, 2 * n**3 / (time.perf_counter() - t) / 1e9)
+            product(a, b)
+            first = time.perf_counter() - t
+            if first > slow_s:
+                best = max(best, 2 * n**3 / first / 1e9)
+                break
+            for _ in range(reps):
+                t = time.perf_counter()
+                product(a, b)
+                best = max(best, 2 * n**3 / (time.perf_counter() - t) / 1e9)
     return best
 
 
@@ -117,9 +128,13 @@ def machine() -> dict:
     import torch
 
     from tunelab.models import cpu_has_native, cpu_info
+    from tunelab.precision import ONEDNN_LIMITS
 
     cpu, flags = cpu_info()
     return {"cpu": cpu or platform.processor(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            # settings that hold torch below the CPU's instructions (an AVX2-only CPU mimicked on a newer one)
+            "isa_limits": {k: os.environ[k] for k in ONEDNN_LIMITS if os.environ.get(k)},
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "torch_interop_threads": torch.get_num_interop_threads(),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
             "cpu_flags": [f for f in SIMD_FLAGS if f in flags], "native_bf16": cpu_has_native(torch.bfloat16),
