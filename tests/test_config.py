@@ -141,15 +141,18 @@ def test_pack_max_tokens_auto_per_device_and_bad_values(tmp_path):
 
     d = RunConfig().data
     assert d.pack_max_tokens == "auto"
-    assert (pack_max_tokens(d, "cpu"), pack_max_tokens(d, "cuda"), pack_max_tokens(d, "h200")) == (1024, 4096, 4096)
+    # on a CPU by precision: float32 (auto where bf16 is emulated) keeps 1.7x the bytes per token -> half the piece
+    assert [pack_max_tokens(d, dev, p) for dev, p in [("cpu", "bf16-mixed"), ("cpu", "float32"), ("cpu", "bfloat16"),
+                                                     ("cuda", "float32"), ("h200", "bfloat16")]] == [1024, 512, 1024,
+                                                                                                     4096, 4096]
     p = tmp_path / "r.yaml"
     p.write_text("data:\n  path: x.jsonl\n  pack_max_tokens: 2048\n")
     cfg, _ = load_config(p)
-    assert cfg.data.pack_max_tokens == 2048 and pack_max_tokens(cfg.data, "cpu") == 2048
+    assert cfg.data.pack_max_tokens == 2048 and pack_max_tokens(cfg.data, "cpu", "float32") == 2048
     cfg, _ = load_config(p, ["data.pack_max_tokens=512"])
     assert cfg.data.pack_max_tokens == 512
     cfg, _ = load_config(p, ["data.pack_max_tokens=auto"])
-    assert pack_max_tokens(cfg.data, "cpu") == 1024
+    assert pack_max_tokens(cfg.data, "cpu", "bf16-mixed") == 1024
     p.write_text("data:\n  path: x.jsonl\n  pack_max_tokens: fast\n")
     with pytest.raises(ConfigError, match=r"r.yaml:3: data.pack_max_tokens must be a positive integer or auto, "
                                           r"got 'fast'"):

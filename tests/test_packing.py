@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from test_loss import _batch, _peft_tiny
@@ -100,18 +101,23 @@ def test_packed_training_matches_unpacked(tmp_path, tiny_config):
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
 
 
-def test_pack_max_tokens_auto_splits_at_1024_on_a_cpu(tmp_path, tiny_model):
-    """data.pack_max_tokens: auto -> pieces of at most 1,024 tokens on a CPU (4,096 cost about twice the
-    memory there, BENCHMARKS.md); a number given is used as is."""
+@pytest.mark.parametrize("flags,auto", [(("Xeon", frozenset({"avx512f", "avx512_bf16", "amx_bf16"})), 1024),
+                                        (("AMD EPYC", frozenset({"avx2", "fma"})), 512)])
+def test_pack_max_tokens_auto_splits_by_the_cpus_precision(monkeypatch, tmp_path, tiny_model, flags, auto):
+    """data.pack_max_tokens: auto -> pieces of at most 1,024 tokens on a CPU with native bf16 (bf16-mixed; 4,096
+    cost about twice the memory there) and 512 where bf16 is emulated (float32 keeps 1.7x the bytes per token;
+    BENCHMARKS.md); a number given is used as is."""
+    from tunelab import precision
     from tunelab.config import config_from_dict
     from tunelab.train import build_model, make_trainer, setup_data, training_arguments
 
+    monkeypatch.setattr(precision, "cpu_info", lambda: flags)
     data = tmp_path / "d.jsonl"
     data.write_text("\n".join(json.dumps({"instruction": f"Say {i}.", "input": "", "output": "ok"})
                               for i in range(8)) + "\n")
     got = []
     for pack in ("auto", 4096):
-        cfg = config_from_dict({"model": {"name": str(tiny_model)},
+        cfg = config_from_dict({"model": {"name": str(tiny_model), "dtype": "auto"},
                                 "data": {"path": str(data), "packing": True, "pack_max_tokens": pack,
                                          "max_seq_length": 256},
                                 "train": {"max_steps": 1, "report_to": []}})
@@ -119,7 +125,7 @@ def test_pack_max_tokens_auto_splits_at_1024_on_a_cpu(tmp_path, tiny_model):
         trainer = make_trainer(build_model(s), training_arguments(cfg, tmp_path / str(pack), s.device, s.dtype,
                                                                   has_eval=False), s, interactive=False)
         got.append(trainer.pack_max_tokens)
-    assert got == [1024, 4096]
+    assert got == [auto, 4096]
 
 
 def test_group_by_length_batches_rows_of_similar_length(tmp_path, tiny_model):

@@ -103,8 +103,10 @@ class DataConfig:
     pack_max_tokens: int | str = "auto"
     """With packing: most tokens per forward pass; a longer step is split at example boundaries
     into several passes (gradient accumulation): the same gradients, less activation memory. `auto`:
-    1024 on a CPU (3.1-3.2x the recipe's stack at 0.86-0.89x its memory; pieces of 4096 were another
-    1.1-1.2x faster at 1.5-1.7x the memory), 4096 on a GPU (BENCHMARKS.md has the measured trade-offs)."""
+    on a CPU 1024 (3.1-3.2x the recipe's stack at 0.86-0.89x its memory with bf16-mixed; pieces of 4096
+    were another 1.1-1.2x faster at 1.5-1.7x the memory), 512 where the run computes in float32 (an
+    AVX2-only CPU: fp32 keeps 1.7x the bytes per token; 25.6x the recipe's stack at 0.92x its memory,
+    1,024 28.1x at 1.35x); 4096 on a GPU (BENCHMARKS.md has the measured trade-offs)."""
     min_response_chars: int | None = None
     """Drop rows whose response is shorter than this many characters (as `tunelab data filter`)."""
     max_response_chars: int | None = None
@@ -464,14 +466,19 @@ def validate(cfg: RunConfig, where_of=lambda k: k, written: set[str] | None = No
     return warnings
 
 
-PACK_MAX_TOKENS_AUTO = {"cpu": 1024, "gpu": 4096}
-"""data.pack_max_tokens: auto, per device kind (measured: BENCHMARKS.md, issue 16 sections)."""
+PACK_MAX_TOKENS_AUTO = {"cpu": 1024, "cpu-float32": 512, "gpu": 4096}
+"""data.pack_max_tokens: auto, per device kind and, on a CPU, precision (measured: BENCHMARKS.md, issue 16
+sections). float32 on a CPU (auto's choice where bf16 would be emulated) runs peft's layers and keeps 39 KiB per
+token and layer for the backward pass against the fused bf16-mixed layers' 23 (tunelab/plan.py): at 1,024 its
+peak RSS was 1.35x the recipe's stack's, at 512 0.92x for 9% less speed (AVX2-only run, BENCHMARKS.md)."""
 
 
-def pack_max_tokens(data: DataConfig, device: str) -> int:
-    """data.pack_max_tokens in tokens for `device` ("cpu", "cuda", or a GPU's name): `auto` resolved."""
+def pack_max_tokens(data: DataConfig, device: str, precision: str) -> int:
+    """data.pack_max_tokens in tokens for `device` ("cpu", "cuda", or a GPU's name) and the run's `precision`
+    (precision.pick_precision's name: float32, bf16-mixed, bfloat16, float16): `auto` resolved."""
     if data.pack_max_tokens == "auto":
-        return PACK_MAX_TOKENS_AUTO["cpu" if device == "cpu" else "gpu"]
+        kind = "gpu" if device != "cpu" else "cpu-float32" if precision == "float32" else "cpu"
+        return PACK_MAX_TOKENS_AUTO[kind]
     return int(data.pack_max_tokens)
 
 

@@ -387,6 +387,8 @@ class Workload:
     """model.dtype: bfloat16 explicitly (on a GPU without bf16 it then runs at fp32 speed or below)."""
     mixed: bool = False
     """bf16-mixed: fp32 weights and optimizer state (compute_bytes 4), matmuls under bf16 autocast."""
+    precision: str = "float32"
+    """model.dtype resolved as a run on the planned device would (float32, bf16-mixed, bfloat16, float16)."""
     fused: bool = False
     """tunelab's fused LoRA layers (bf16-mixed LoRA on a CPU, tunelab/fastlora.py): the adapted Linear weights
     are bf16 (their fp32 copies freed), activations as MIXED_ACTIVATION_BYTES[..., True]."""
@@ -770,7 +772,7 @@ def workload_from_config(cfg, prof: DataProfile | None, device: Device, n_gpus: 
              and lo.bias == "none" and not (n_gpus > 1 or fsdp_requested()))
     from .config import pack_max_tokens
 
-    st = _steps_stats(cfg, prof, n_gpus, pack_max_tokens(cfg.data, device.name))
+    st = _steps_stats(cfg, prof, n_gpus, pack_max_tokens(cfg.data, device.name, dtype))
     rows = st["rows"]
     if t.max_steps > 0:
         steps = t.max_steps
@@ -790,7 +792,7 @@ def workload_from_config(cfg, prof: DataProfile | None, device: Device, n_gpus: 
         quant_bits=NF4_BITS[q.double_quant] if q.load_in_4bit else None,
         lora_r=lo.r, lora_targets=tuple(lo.target_modules), dora=lo.use_dora, lora_dropout=lo.dropout,
         optim=t.optim, gradient_checkpointing=t.gradient_checkpointing, chunked_loss=t.chunked_loss,
-        loss_chunk=t.loss_chunk_size, mixed=mixed, fused=fused,
+        loss_chunk=t.loss_chunk_size, mixed=mixed, fused=fused, precision=dtype,
         bf16_requested=(cfg.model.dtype == "bfloat16" or q.load_in_4bit and q.compute_dtype == "bfloat16"),
         tokens_per_pass=int(st["tokens_per_pass"]),
         trained_per_pass=st["trained_per_pass"], tokens_per_step=st["tokens_per_step"],
@@ -822,7 +824,7 @@ def _changes(cfg, w: Workload, device_name: str):
     if d.packing and w.tokens_per_pass > d.max_seq_length:
         from .config import pack_max_tokens
 
-        p = pack_max_tokens(d, device_name)
+        p = pack_max_tokens(d, device_name, w.precision)
         while p > max(256, d.max_seq_length) and p > 256:
             p //= 2
             f = min(1.0, p / max(1, w.tokens_per_pass))

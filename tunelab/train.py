@@ -156,6 +156,11 @@ def build_model(s: Setup):
     return model
 
 
+def run_pack_max_tokens(s) -> int:
+    """data.pack_max_tokens for this run's device and precision (`auto` resolved: config.pack_max_tokens)."""
+    return pack_max_tokens(s.cfg.data, s.device, pick_precision(s.cfg.model.dtype, s.device).name)
+
+
 def fused_lora_off(cfg: RunConfig, device: str) -> str | None:
     """Why build_model leaves peft's LoRA layers as they are (tunelab/fastlora.py); None where it fuses them."""
     if not cfg.lora.enabled:
@@ -357,7 +362,7 @@ def make_trainer(model, args, s: Setup, run_dir: Path | None = None, interactive
                              data_collator=(PackedCollator() if s.cfg.data.packing
                                             else Collator(s.tokenizer.pad_token_id)),
                              processing_class=s.tokenizer, callbacks=callbacks,
-                             pack_max_tokens=pack_max_tokens(s.cfg.data, s.device),
+                             pack_max_tokens=run_pack_max_tokens(s),
                              chunked_loss=s.cfg.train.chunked_loss, loss_chunk_size=s.cfg.train.loss_chunk_size)
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
@@ -414,7 +419,7 @@ class SftRecipe:
         console.print(f"precision: {precision.name} ({precision.reason})")
         if cfg.data.packing:
             auto = f" = auto on {s.device}" if cfg.data.pack_max_tokens == "auto" else ""
-            console.print(f"packing: up to {pack_max_tokens(cfg.data, s.device)} tokens per forward pass "
+            console.print(f"packing: up to {run_pack_max_tokens(s)} tokens per forward pass "
                           f"(data.pack_max_tokens{auto})")
         console.print(f"[bold]tunelab[/bold] {self.label} of {cfg.model.name} on {s.device}, compute dtype "
                       f"{precision.name}; {s.stats.train_rows} train / {s.stats.eval_rows} eval rows")
@@ -658,7 +663,7 @@ def make_summary(trainer, result, s: Setup, out: Path, wall: float, method: str)
         # how the training loss was computed: "chunked" (tunelab/loss.py) or "stock" (the model's own)
         "loss_computation": "+".join(sorted(getattr(trainer, "loss_kinds", ()))) or None,
         # data.packing: most tokens per forward pass (data.pack_max_tokens, `auto` resolved for this device)
-        "pack_max_tokens": pack_max_tokens(s.cfg.data, s.device) if s.cfg.data.packing else None,
+        "pack_max_tokens": run_pack_max_tokens(s) if s.cfg.data.packing else None,
         # FSDP: each process's share of the parameters (tunelab/distributed.py), else None
         "fsdp": shards.report if (shards := callback(trainer, ShardReport)) else None,
         "pad_token": s.tokenizer.pad_token,
