@@ -31,6 +31,28 @@ def test_published_figures(point):
         assert point["why"]  # a published time outside the range says why
 
 
+def _levers(arm: dict) -> list[str]:
+    """A bench arm's own config keys: "tunelab:a.b=1+c.d=2" -> ["a.b=1", "c.d=2"]."""
+    return arm["arm"].split(":", 1)[1].split("+") if ":" in arm["arm"] else []
+
+
+def _arm_point(name: str, d: dict, arm: dict, pack: int, dtype: str, cpu_kind: str, extra: list[str],
+               time_check: bool = True) -> dict:
+    """A tunelab arm of bench/results/NAME.json (bench_train.py) as a measured point: its config rebuilt as
+    overrides of configs/smollm2-alpaca.yaml, its s/step and peak RSS, the run's load and fp32 peak."""
+    return {
+        "id": f"bench/results/{name}.json {arm['arm']}", "config": "configs/smollm2-alpaca.yaml",
+        "overrides": ["data.only_empty_input=false", "data.test_size=0", "data.drop_untrainable=false",
+                      "data.max_seq_length=512", "data.packing=true", f"data.pack_max_tokens={pack}",
+                      "train.per_device_train_batch_size=2", "train.gradient_accumulation_steps=8",
+                      f"train.gradient_checkpointing={str(arm['gradient_checkpointing']).lower()}",
+                      f"model.dtype={dtype}", "train.warmup_steps=0", *extra],
+        "s_per_step": arm["seconds_per_step"], "peak_rss_gib": arm["peak_rss_train_gib"],
+        "load_avg_before": d["load_average_before"], "load_avg_after": d["load_average_after"],
+        "cpu_count": 2, "matmul_gflops_before_after": [d["fp32_matmul_peak_gflops"]["used"]],
+        "cpu_kind": cpu_kind, "time_check": time_check}
+
+
 def _measured_points():
     """This machine's runs: bench/bench_plan.py's JSON, plus the tunelab arms of bench/bench_train.py's
     quiet-machine runs (BENCHMARKS.md), rebuilt as configs. Two of the latter (pack 4096 and 512 of
@@ -45,67 +67,34 @@ def _measured_points():
     for name in ("train_3arm", "train_3arm_pack512", "train_bf16_pack512", "train_pack1024", "train_gc_pack1024"):
         d = json.loads((REPO / "bench" / "results" / f"{name}.json").read_text())
         pack = int(d["command"].split("--pack-max-tokens ")[1].split()[0]) if "--pack-max-tokens" in d["command"] else 4096
-        for arm in d["arms"]:
-            if not arm["arm"].startswith("tunelab"):
-                continue
-            points.append({
-                "id": f"bench/results/{name}.json {arm['arm']}", "config": "configs/smollm2-alpaca.yaml",
-                "overrides": ["data.only_empty_input=false", "data.test_size=0", "data.drop_untrainable=false",
-                              "data.max_seq_length=512", "data.packing=true", f"data.pack_max_tokens={pack}",
-                              "train.per_device_train_batch_size=2", "train.gradient_accumulation_steps=8",
-                              f"train.gradient_checkpointing={str(arm['gradient_checkpointing']).lower()}",
-                              f"model.dtype={'bfloat16' if arm['bf16'] else 'float32'}", "train.warmup_steps=0",
-                              "train.loss_chunk_size=1024"],
-                "s_per_step": arm["seconds_per_step"], "peak_rss_gib": arm["peak_rss_train_gib"],
-                "load_avg_before": d["load_average_before"], "load_avg_after": d["load_average_after"],
-                "cpu_count": 2, "matmul_gflops_before_after": [d["fp32_matmul_peak_gflops"]["used"]],
-                "cpu_kind": "avx512_bf16"})  # AMD EPYC, no AMX (the JSON's machine)
+        points += [_arm_point(name, d, arm, pack, "bfloat16" if arm["bf16"] else "float32", "avx512_bf16",
+                              ["train.loss_chunk_size=1024"])  # AMD EPYC, no AMX (the JSON's machine)
+                   for arm in d["arms"] if arm["arm"].startswith("tunelab")]
     # bf16-mixed with the fused LoRA layers (and one lora.fused=false arm) on the AMX machine (BENCHMARKS.md "Issue
     # 16: pieces of 1,024 tokens by default", the run after fusing released the checkpoint's memory map, so the code
     # of tunelab/fastlora.py as it is): memory only, the host's speed moved 1.5-2.5x between runs at the same load
     # (the same arm 13 s/step in one run, 26-45 in another). Each arm's pieces: its own override, else the run's
-    # --pack-max-tokens (auto: 1,024 on a CPU)
+    # --pack-max-tokens (auto: 1,024 on a CPU with bf16-mixed).
+    # Not the 4,096-token arm: the plan sizes a pass by the largest piece over the whole data (4,088 tokens), the 3
+    # steps of the bench had 3,691 at most, so the point would not test the model (it reads 1.24x)
     from tunelab.config import DataConfig, pack_max_tokens
 
-    d = json.loads((REPO / "bench" / "results" / "train_pack_auto_unmapped.json").read_text())
-    for arm in d["arms"]:
-        # not the 4,096-token arm: the plan sizes a pass by the largest piece over the whole data (4,088 tokens),
-        # the 3 steps of the bench had 3,691 at most, so the point would not test the model (it reads 1.24x)
-        if not arm["arm"].startswith("tunelab") or "pack_max_tokens=4096" in arm["arm"]:
-            continue
-        levers = arm["arm"].split(":", 1)[1].split("+") if ":" in arm["arm"] else []
-        pack = pack_max_tokens(DataConfig(pack_max_tokens=d["setup"]["pack_max_tokens"]), "cpu", arm["precision"])
-        points.append({
-            "id": f"bench/results/train_pack_auto_unmapped.json {arm['arm']}", "config": "configs/smollm2-alpaca.yaml",
-            "overrides": ["data.only_empty_input=false", "data.test_size=0", "data.drop_untrainable=false",
-                          "data.max_seq_length=512", "data.packing=true", f"data.pack_max_tokens={pack}",
-                          "train.per_device_train_batch_size=2", "train.gradient_accumulation_steps=8",
-                          f"model.dtype={arm['precision']}", "train.warmup_steps=0", *levers],
-            "s_per_step": arm["seconds_per_step"], "peak_rss_gib": arm["peak_rss_train_gib"],
-            "load_avg_before": d["load_average_before"], "load_avg_after": d["load_average_after"],
-            "cpu_count": 2, "matmul_gflops_before_after": [d["fp32_matmul_peak_gflops"]["used"]],
-            "cpu_kind": "amx", "time_check": False})
+    name = "train_pack_auto_unmapped"
+    d = json.loads((REPO / "bench" / "results" / f"{name}.json").read_text())
+    points += [_arm_point(name, d, arm, pack_max_tokens(DataConfig(pack_max_tokens=d["setup"]["pack_max_tokens"]),
+                                                        "cpu", arm["precision"]), arm["precision"], "amx", _levers(arm),
+                          time_check=False)
+               for arm in d["arms"] if arm["arm"].startswith("tunelab") and "pack_max_tokens=4096" not in arm["arm"]]
     # float32 (auto where bf16 is emulated) on the same host with torch held to AVX2 (BENCHMARKS.md "Issue 16: an
     # AVX2-only CPU"): memory only (the host's fp32 speed is not the plan's AVX2 EPYC's); 8 steps, so the heap's
     # growth over a run is in the peak (0.91-0.95 of it planned). Not the gradient-checkpointing arm: it read 0.775
     # (1.65 GiB planned, 2.13 measured; the 3-step checkpointed point above reads 0.90), the plan does not model the
     # heap's growth over a longer checkpointed run (BENCHMARKS.md says so)
-    d = json.loads((REPO / "bench" / "results" / "train_avx2_emulated.json").read_text())
-    for arm in d["arms"]:
-        if not arm["arm"].startswith("tunelab") or arm["gradient_checkpointing"]:
-            continue
-        levers = arm["arm"].split(":", 1)[1].split("+") if ":" in arm["arm"] else []
-        points.append({
-            "id": f"bench/results/train_avx2_emulated.json {arm['arm']}", "config": "configs/smollm2-alpaca.yaml",
-            "overrides": ["data.only_empty_input=false", "data.test_size=0", "data.drop_untrainable=false",
-                          "data.max_seq_length=512", "data.packing=true", f"data.pack_max_tokens={arm['pack_max_tokens']}",
-                          "train.per_device_train_batch_size=2", "train.gradient_accumulation_steps=8",
-                          f"train.gradient_checkpointing={str(arm['gradient_checkpointing']).lower()}",
-                          f"model.dtype={arm['precision']}", "train.warmup_steps=0", *levers],
-            "s_per_step": arm["seconds_per_step"], "peak_rss_gib": arm["peak_rss_train_gib"],
-            "load_avg_before": d["load_average_before"], "load_avg_after": d["load_average_after"],
-            "cpu_count": 2, "matmul_gflops_before_after": [d["fp32_matmul_peak_gflops"]["used"]],
-            "cpu_kind": "emulated", "time_check": False})
+    name = "train_avx2_emulated"
+    d = json.loads((REPO / "bench" / "results" / f"{name}.json").read_text())
+    points += [_arm_point(name, d, arm, arm["pack_max_tokens"], arm["precision"], "emulated", _levers(arm),
+                          time_check=False)
+               for arm in d["arms"] if arm["arm"].startswith("tunelab") and not arm["gradient_checkpointing"]]
     return points
 
 
