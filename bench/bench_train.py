@@ -8,8 +8,8 @@ Arms (same model, data, data order, max_seq_length, batch shape, optimizer, lear
                    fp32 weights and optimizer state with bf16 autocast; float32 where bf16 would be
                    emulated; fused LoRA layers with bf16-mixed on a CPU), data.packing (one padding-free
                    row per optimizer step, per-example attention, split into pieces of
-                   data.pack_max_tokens: auto = 1,024 tokens on a CPU), train.chunked_loss (logits only
-                   where labels exist); no gradient checkpointing. What a user gets without tuning anything.
+                   data.pack_max_tokens: auto = 1,024 tokens on a CPU with bf16-mixed, 512 in float32),
+                   train.chunked_loss (logits only where labels exist); no gradient checkpointing. What a user gets without tuning anything.
                    Packing is the one setting the bench turns on: it is off by default in tunelab.
   tunelab-fp32     the same with model.dtype=float32: the exact-arithmetic twin of recipe-fp32
   tunelab-bf16     tunelab with model.dtype=bfloat16 (weights, adapter and compute in bf16)
@@ -477,7 +477,8 @@ def main(argv=None) -> int:
     p.add_argument("--minutes", type=float, default=None,
                    help="start no new round after this many minutes (every arm keeps the steps it ran)")
     p.add_argument("--pack-max-tokens", default="auto",
-                   help="tunelab arms: data.pack_max_tokens (default: tunelab's own, auto = 1024 on a CPU)")
+                   help="tunelab arms: data.pack_max_tokens (default: tunelab's own, auto = 1024 on a CPU "
+                        "with bf16-mixed, 512 in float32)")
     p.add_argument("--arms", default=",".join(ARMS))
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "train.json"))
     p.add_argument("--tmp", default=None, help="scratch folder (default: a new temporary folder)")

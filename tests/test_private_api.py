@@ -22,10 +22,10 @@ PRIVATE = {
         "transformers PretrainedConfig", "export.py names the GGUF after the model it came from",
         lambda: _config_has("_name_or_path")),
     "_is_mkldnn_bf16_supported": (
-        "torch.ops.mkldnn", "models.py: does this CPU run bf16 natively (no public API says so)",
+        "torch.ops.mkldnn", "precision.py torch_native: will torch run bf16 natively here (no public API says so)",
         lambda: _mkldnn_has("_is_mkldnn_bf16_supported")),
     "_is_mkldnn_fp16_supported": (
-        "torch.ops.mkldnn", "models.py: does this CPU run fp16 natively (no public API says so)",
+        "torch.ops.mkldnn", "precision.py torch_native: will torch run fp16 natively here (no public API says so)",
         lambda: _mkldnn_has("_is_mkldnn_fp16_supported")),
     "_version": (
         "torch.Tensor", "fastlora.py serves a kept sibling output only for the very input it was computed from: the "

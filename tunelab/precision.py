@@ -93,8 +93,8 @@ def torch_native(dtype: torch.dtype) -> bool | None:
 def cpu_has_native(dtype: torch.dtype) -> bool:
     """Whether this CPU computes `dtype` matmuls natively: its flags have the instructions (AVX512_BF16 or
     AMX-BF16 for bf16, AVX512_FP16 or AMX-FP16 for fp16) and torch's oneDNN will use them (torch_native; the
-    flags alone said "native" under ONEDNN_MAX_CPU_ISA=AVX2, where bf16 matmuls ran at 2-30 GFLOP/s against
-    fp32's 189 on this project's Sapphire Rapids host). Where no flags can be read, torch's answer decides."""
+    flags alone said "native" under ONEDNN_MAX_CPU_ISA=AVX2, where bf16 matmuls ran at 0.3-36 GFLOP/s against
+    fp32's 168-221 on this project's Sapphire Rapids host). Where no flags can be read, torch's answer decides."""
     name = str(dtype).replace("torch.", "")
     _, flags = cpu_info()
     by_torch = torch_native(dtype)

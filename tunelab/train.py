@@ -418,7 +418,7 @@ class SftRecipe:
             warn(dw)
         console.print(f"precision: {precision.name} ({precision.reason})")
         if cfg.data.packing:
-            auto = f" = auto on {s.device}" if cfg.data.pack_max_tokens == "auto" else ""
+            auto = f" = auto on {s.device}, {precision.name}" if cfg.data.pack_max_tokens == "auto" else ""
             console.print(f"packing: up to {run_pack_max_tokens(s)} tokens per forward pass "
                           f"(data.pack_max_tokens{auto})")
         console.print(f"[bold]tunelab[/bold] {self.label} of {cfg.model.name} on {s.device}, compute dtype "
@@ -662,7 +662,7 @@ def make_summary(trainer, result, s: Setup, out: Path, wall: float, method: str)
         "checkpoints": [p.name for p in checkpoints(out)],
         # how the training loss was computed: "chunked" (tunelab/loss.py) or "stock" (the model's own)
         "loss_computation": "+".join(sorted(getattr(trainer, "loss_kinds", ()))) or None,
-        # data.packing: most tokens per forward pass (data.pack_max_tokens, `auto` resolved for this device)
+        # data.packing: most tokens per forward pass (data.pack_max_tokens, `auto` resolved for device and precision)
         "pack_max_tokens": run_pack_max_tokens(s) if s.cfg.data.packing else None,
         # FSDP: each process's share of the parameters (tunelab/distributed.py), else None
         "fsdp": shards.report if (shards := callback(trainer, ShardReport)) else None,
