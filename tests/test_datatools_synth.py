@@ -188,6 +188,27 @@ def test_synth_with_the_embedded_model_served_locally_writes_valid_rows(tmp_path
         httpd.server_close()
 
 
+def test_enough_rows_kept_while_requests_wait_in_the_queue(tmp_path, seeds, tiny_model, monkeypatch):
+    """Requests still queued when the last row needed is kept are cancelled; the loop then skips them instead of
+    asking a cancelled future for its result (that raised CancelledError: a traceback, no output; seen in the
+    served-model test when answers came back fast). A local teacher runs one request at a time, so with
+    --concurrency 4 three wait in the queue when the first answer completes the set."""
+    from tunelab.datatools import synth
+
+    def complete(self, prompt, api, max_tokens, temperature, seed):
+        return json.dumps({"instruction": f"Describe a calm blue lake number {seed} in two sentences.", "input": "",
+                           "output": "The lake lies still under a pale sky. Reeds lean over its quiet edge."})
+
+    monkeypatch.setattr(synth.LocalTeacher, "complete", complete)
+    out = tmp_path / "synth.jsonl"
+    r = run_cli("synth", seeds, "--out", out, "--teacher", f"local:{tiny_model}", "-n", "1", "--max-requests", "8",
+                "--concurrency", "4", "--api", "chat")
+    assert r.returncode == 0, r.stderr
+    assert len(out.read_text().splitlines()) == 1
+    prov = json.loads((tmp_path / "synth.jsonl.provenance.json").read_text())
+    assert prov["complete"] is True and prov["requests"] == 1  # the first answer kept; the queued ones never asked
+
+
 def test_local_teacher(tmp_path, seeds, tiny_model):
     """`--teacher local:MODEL`: tunelab's own loading, no server; the tiny model's answers are dropped, counted."""
     out = tmp_path / "synth.jsonl"

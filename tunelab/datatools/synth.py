@@ -356,6 +356,8 @@ def cmd_synth(args) -> int:
                 done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
                 for f in done:
                     i = pending.pop(f)
+                    if f.cancelled():  # still queued when enough rows were kept (below): never asked
+                        continue
                     try:
                         results[i] = f.result()
                     except RequestRejected as e:
