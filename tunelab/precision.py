@@ -126,7 +126,7 @@ def _cpu_reason() -> str:
     model, flags = cpu_info()
     seen = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
     why = f"CPU {model or 'unknown'}, flags read: {', '.join(seen) or 'none of avx2/avx512f/avx512_bf16/amx'}"
-    if any(f in flags for f in NATIVE_FLAGS["bfloat16"]) and torch_native(torch.bfloat16) is False:
+    if any(f in flags for f in NATIVE_FLAGS["bfloat16"]) and not cpu_has_native(torch.bfloat16):  # torch vetoed
         held = ", ".join(f"{k}={os.environ[k]}" for k in ONEDNN_LIMITS if os.environ.get(k))
         why += f"; but torch's oneDNN will not run bf16 here{f' ({held})' if held else ''}"
     return why
